@@ -1,0 +1,86 @@
+"""The contract every few-shot segmentation method follows.
+
+Inputs (all methods, 1-way):
+
+* ``support_images``: float ``[B, K, 3, H, W]``, ImageNet-normalised.
+* ``support_masks``: long ``[B, K, H, W]`` with values 0, 1 and 255 (ignore / padding).
+  Foreground is ``mask == 1``; 255 counts as background for prototypes unless a method's
+  paper says otherwise.
+* ``query_images``: float ``[B, 3, H, W]``.
+
+N-way episodes (PANet) add a way axis: ``support_images [B, N, K, 3, H, W]`` and
+``support_masks [B, N, K, H, W]``; logits then have N+1 channels ``[bg, fg_1..fg_N]``.
+
+Training input is a batch dict (see :data:`BATCH_KEYS`); in training mode
+``model(batch)`` returns :class:`ModelOutput` with the logits and the named loss terms
+(``losses["loss"]`` is the total to back-propagate, the others are the terms it is made
+of, for logging). In eval mode ``model(batch)`` returns logits only, and
+:meth:`FSSModel.predict` is the one public inference call. Training-only branches are
+not run at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+#: Keys of a training/evaluation batch as produced by ``fss.data.episodes`` after collation.
+BATCH_KEYS = {
+    "support_images": "float [B,K,3,H,W] (N-way: [B,N,K,3,H,W])",
+    "support_masks": "long [B,K,H,W] in {0,1,255} (N-way: [B,N,K,H,W])",
+    "query_images": "float [B,3,H,W]",
+    "query_masks": "long [B,H,W]: 1 target class, 0 background, 255 ignore (N-way: 0..N)",
+    "query_base_masks": "long [B,H,W]: 1 on any training-subset class present, 0 elsewhere, 255 ignore",
+    "class_ids": "long [B] (N-way: [B,N]) 1-based dataset class ids",
+}
+
+
+@dataclass
+class ModelOutput:
+    """What a method returns in training mode."""
+
+    logits: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.losses["loss"]
+
+
+class FSSModel(nn.Module):
+    """Base class: subclasses implement :meth:`forward_train` and :meth:`forward_infer`."""
+
+    method_name: str = "?"
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        if self.training:
+            return self.forward_train(batch)
+        return self.forward_infer(
+            batch["support_images"], batch["support_masks"], batch["query_images"]
+        )
+
+    def forward_train(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        raise NotImplementedError
+
+    def forward_infer(
+        self,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        query_images: torch.Tensor,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(
+        self,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        query_images: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits ``[B, 2, H, W]`` (N-way: ``[B, N+1, H, W]``) at the query's resolution."""
+        return self.forward_infer(support_images, support_masks, query_images)
+
+    def trainable_parameters(self):
+        """Parameters the optimiser updates (frozen backbone parts excluded)."""
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,214 @@
+"""Method registry and knob validation.
+
+A method registers itself with :func:`register_method`, naming its base method and
+its knobs (each a :class:`Knob` with a default and the allowed values). The registry
+builds models from a plain config, refusing unknown and out-of-range knobs with a
+one-line :class:`~fss.errors.ConfigError`::
+
+    @register_method("apanet", base="pfenet", knobs={**PFENET_KNOBS, "lam": Knob(0.5, ...)})
+    class APANet(PFENet): ...
+
+    model = create_model("apanet", backbone="small", shot=1, lam=0.3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fss.errors import ConfigError
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One hyperparameter or component switch of a method.
+
+    ``choices`` lists the allowed values (for strings, booleans, small integer sets);
+    ``low``/``high`` bound numbers (inclusive). ``kind`` is the Python type the value is
+    coerced to (``bool``, ``int``, ``float``, ``str``, ``list``). ``table`` names the
+    paper table or figure the knob reproduces; ``help`` is one line for ``fss methods``.
+    """
+
+    default: Any
+    kind: type
+    help: str = ""
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    table: str = ""
+    item_kind: type | None = None  # element type when kind is list
+
+    def describe(self) -> dict:
+        out: dict[str, Any] = {"default": self.default, "type": self.kind.__name__}
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
+        if self.low is not None or self.high is not None:
+            out["range"] = [self.low, self.high]
+        if self.table:
+            out["table"] = self.table
+        if self.help:
+            out["help"] = self.help
+        return out
+
+    def coerce(self, method: str, name: str, value: Any) -> Any:
+        """Return ``value`` converted to this knob's type, or raise ConfigError."""
+        where = f"knob '{name}' of method '{method}'"
+        try:
+            v = _coerce(value, self.kind, self.item_kind)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{where} must be of type {self.kind.__name__}, got {value!r}; "
+                f"default is {self.default!r}."
+            ) from None
+        items = v if isinstance(v, list) else [v]
+        if self.choices is not None and any(i not in self.choices for i in items):
+            raise ConfigError(
+                f"{where} got {value!r}; allowed values are {list(self.choices)}."
+            )
+        for i in items:
+            if isinstance(i, (int, float)) and not isinstance(i, bool):
+                if (self.low is not None and i < self.low) or (
+                    self.high is not None and i > self.high
+                ):
+                    raise ConfigError(
+                        f"{where} got {value!r}; it must lie in [{self.low}, {self.high}]."
+                    )
+        return v
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int,)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _coerce(value: Any, kind: type, item_kind: type | None) -> Any:
+    if kind is bool:
+        return _parse_bool(value)
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    if kind is list:
+        if isinstance(value, str):
+            value = [p for p in value.replace("[", "").replace("]", "").split(",") if p.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(value)
+        return [_coerce(v, item_kind, None) if item_kind else v for v in value]
+    raise TypeError(kind)
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    base: str | None
+    knobs: dict[str, Knob]
+    builder: Callable[..., Any]
+    help: str = ""
+    backbones: tuple[str, ...] = field(default_factory=tuple)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "base": self.base,
+            "help": self.help,
+            "backbones": list(self.backbones),
+            "knobs": {k: v.describe() for k, v in self.knobs.items()},
+        }
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str,
+    *,
+    base: str | None,
+    knobs: dict[str, Knob],
+    help: str = "",
+    backbones: tuple[str, ...] = (),
+):
+    """Class decorator adding a method to the registry under ``name``."""
+
+    def deco(cls):
+        if name in _REGISTRY:
+            raise RuntimeError(f"method {name!r} registered twice")
+        doc = (cls.__doc__ or "").strip()
+        summary = help or (doc.splitlines()[0] if doc else "")
+        _REGISTRY[name] = MethodSpec(name, base, dict(knobs), cls, summary, tuple(backbones))
+        cls.method_name = name
+        return cls
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    # Importing the models package imports every method module, which registers them.
+    import fss.models  # noqa: F401
+
+
+def list_methods() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"unknown method {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}."
+        )
+    return _REGISTRY[name]
+
+
+def resolve_knobs(name: str, knobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults of method ``name`` overridden by ``knobs``, validated and coerced."""
+    spec = get_method(name)
+    knobs = dict(knobs or {})
+    unknown = sorted(set(knobs) - set(spec.knobs))
+    if unknown:
+        raise ConfigError(
+            f"method '{name}' has no knob {', '.join(repr(u) for u in unknown)}; "
+            f"its knobs are: {', '.join(sorted(spec.knobs)) or '(none)'}."
+        )
+    out = {}
+    for k, knob in spec.knobs.items():
+        out[k] = knob.coerce(name, k, knobs[k]) if k in knobs else knob.default
+    return out
+
+
+def create_model(
+    name: str,
+    *,
+    backbone: str = "small",
+    shot: int = 1,
+    backbone_weights: str | None = None,
+    **knobs: Any,
+):
+    """Build method ``name`` with the given backbone, shot and knobs."""
+    spec = get_method(name)
+    if spec.backbones and backbone not in spec.backbones:
+        raise ConfigError(
+            f"method '{name}' does not support backbone {backbone!r}; "
+            f"choose one of: {', '.join(spec.backbones)}."
+        )
+    if not isinstance(shot, int) or shot < 1:
+        raise ConfigError(f"shot must be a positive integer, got {shot!r}.")
+    resolved = resolve_knobs(name, knobs)
+    return spec.builder(backbone=backbone, shot=shot, backbone_weights=backbone_weights, **resolved)

@@ -1,0 +1,1 @@
+"""Orchestration: CLI, stages, config."""
