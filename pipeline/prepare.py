@@ -35,7 +35,7 @@ def pascal(
     voc_root: Path = typer.Option(..., help="VOC2012 directory (JPEGImages, SegmentationClass, ImageSets/Segmentation)."),
     out: Path = typer.Option(..., help="Output directory of the prepared dataset."),
     sbd_root: Optional[Path] = typer.Option(None, help="SBD release 'dataset' directory (cls/*.mat, train.txt, val.txt); aug masks are rendered from it."),
-    aug_root: Optional[Path] = typer.Option(None, help="A ready SegmentationClassAug directory (instead of --sbd-root)."),
+    aug_root: Optional[Path] = typer.Option(None, help="A ready SegmentationClassAug directory (instead of --sbd-root); --train-list pfenet needs its sbd_train.txt (SBD train.txt), trainaug uses its train_aug.txt if present."),
     train_list: TrainList = typer.Option(TrainList.pfenet, help="pfenet: VOC train + SBD train - VOC val; trainaug: VOC train + SBD train + SBD val - VOC val."),
     min_area: int = typer.Option(2048, help="Small-object rule: a class counts for an image if it covers this many pixels (0 disables: panet)."),
     filter_intersection: bool = typer.Option(False, help="bam: drop training images that contain any novel class."),

@@ -2,30 +2,60 @@
 
 Every backbone is an ``nn.Module`` with attributes ``layer0 .. layer4`` (callable in
 sequence), a ``stage_channels`` dict giving each stage's output channels, and
-``forward(x) -> {"layer0": ..., ..., "layer4": ...}``. Dilated layouts keep output
-stride 8 from ``layer2`` on.
+``forward(x) -> {"layer0": ..., ..., "layer4": ...}``. The real backbones also give
+``stage_strides`` and ``stage_key_to_state_key(key)`` (stage-module key -> own key).
+
+| name | layout | strides of layer0..4 | channels |
+|---|---|---|---|
+| small | small CNN (``small.py``) | 4, 4, 8, 8, 8 | 32, 32, 64, 128, 256 |
+| resnet50, resnet101 | torchvision ResNet, 7x7 stem, dilated (``resnet.py``) | 4, 4, 8, 8, 8 | 64, 256, 512, 1024, 2048 |
+| resnet50v2, resnet101v2 | PSPNet/PFENet deep stem, dilated | 4, 4, 8, 8, 8 | 128, 256, 512, 1024, 2048 |
+| vgg16 | PANet's VGG16, no BN (``vgg.py``) | 2, 4, 8, 8, 8 | 64, 128, 256, 512, 512 |
+| vgg16bn | PFENet's VGG16-BN slices | 2, 4, 8, 16, 16 | 64, 128, 256, 512, 512 |
+
+``weights``: None (random init), a path to a weight file, or "imagenet" (torchvision's
+ImageNet file from the torch hub cache; resnet50/101, vgg16, vgg16bn). Loading is strict;
+see ``weights.py``. The load report is attached as ``net.load_report``.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 from fss.errors import ConfigError
+from fss.models.backbones.resnet import ResNetBackbone
 from fss.models.backbones.small import SmallBackbone
+from fss.models.backbones.vgg import PANetVGG16, PFENetVGG16BN
 
-#: name -> constructor(weights: str | None) -> nn.Module
-BACKBONES = {
-    "small": lambda weights=None: _load_small(weights),
+#: name -> constructor of the randomly initialised network
+_CONSTRUCTORS: dict[str, Callable[[], nn.Module]] = {
+    "small": SmallBackbone,
+    "resnet50": lambda: ResNetBackbone(50, deep_stem=False),
+    "resnet101": lambda: ResNetBackbone(101, deep_stem=False),
+    "resnet50v2": lambda: ResNetBackbone(50, deep_stem=True),
+    "resnet101v2": lambda: ResNetBackbone(101, deep_stem=True),
+    "vgg16": PANetVGG16,
+    "vgg16bn": PFENetVGG16BN,
 }
 
 
-def _load_small(weights: str | None) -> nn.Module:
-    net = SmallBackbone()
-    if weights:
-        from fss.models.backbones.weights import load_state_dict_file
+def _builder(name: str) -> Callable[..., nn.Module]:
+    def build(weights: str | None = None) -> nn.Module:
+        from fss.models.backbones.weights import load_state_dict_file, weights_path
 
-        load_state_dict_file(net, weights, kind="small")
-    return net
+        path = weights_path(name, weights)  # "imagenet" fails here, before building the net
+        net = _CONSTRUCTORS[name]()
+        if path is not None:
+            load_state_dict_file(net, path, kind=name)
+        return net
+
+    return build
+
+
+#: name -> constructor(weights: str | None) -> nn.Module
+BACKBONES = {name: _builder(name) for name in _CONSTRUCTORS}
 
 
 def list_backbones() -> list[str]:

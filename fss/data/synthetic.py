@@ -1,0 +1,403 @@
+"""The embedded synthetic benchmark: 20 classes in 4 folds, written in the PASCAL VOC layout.
+
+``prepare_synthetic(out)`` generates one pool of images and writes::
+
+    OUT/JPEGImages/<id>.jpg
+    OUT/SegmentationClass/<id>.png      VOC palette PNG: 0 background, 1..20, 255 boundary band
+    OUT/SegmentationObject/<id>.png     instance ids 1..n in paint order, same 255 band
+    OUT/ImageSets/Segmentation/train.txt, val.txt
+
+then builds the per-fold lists exactly as for PASCAL-5i (``fss.data.prepared``: area index,
+pfenet list rule with the "pascal" convention, meta.json last), so ``PreparedDataset``
+reads it like PASCAL.
+
+Classes. Class ``c = 5k + j + 1`` (fold ``k`` = 0..3, position ``j`` = 0..4) combines three
+attributes, each value of which appears in every fold, as novel and as base:
+
+- shape ``SHAPES[j]`` (disc, square, triangle, ring, cross),
+- texture ``TEXTURES[(j + k) % 4]`` (plain, striped, checkered, dotted),
+- hue family ``HUES[(j + 2k) % 5]`` (red, yellow, green, blue, purple).
+
+Every (shape, texture) and every (shape, hue) pair belongs to one class only, so a novel
+class is a new combination of attributes that the base classes teach; some classes share
+texture and hue and differ by shape only. Colour is a weak cue: hue jitters, the pattern's
+second colour varies, and with probability ``OFF_HUE_PROBABILITY`` an object takes a random
+hue (intra-class colour variation). Backgrounds are gradients with low-frequency colour
+noise and distractors (thin bars, elongated speckled ellipses) whose shapes and textures
+are none of the classes' but whose colours may be any hue.
+
+Images. Each image has 2..5 class objects (classes drawn uniformly, repeats allowed) with
+random scale, position (may leave the frame), rotation, slight stretch, and occlusion by
+later objects (a placement that would hide more than 60% of an earlier object is redrawn).
+Image sides vary in ``[size - size//6, size + size//6]`` so the resize-pad evaluation path is
+exercised. The class and instance maps get a 255 band on every instance boundary, like VOC:
+each pixel whose 8-neighbourhood holds another instance id (or background) is 255.
+
+Novel-class objects appear in training images too (as background for that fold): the
+train/val split is by image (first ``train_images`` indices train, the next ``val_images``
+val) and the fold lists apply the area rule only.
+
+Small-object rule. PASCAL's 2048 pixels is for ~500x375 images; the default scales it with
+the nominal image area: ``min_area = round(2048 * size * size / (500 * 375))`` (101 px at
+size 96, 45 px at size 64). It is recorded in meta.json ``options``.
+
+Determinism. Image ``i`` is drawn from ``numpy.random.Generator(PCG64(SeedSequence((
+GENERATOR_VERSION, seed, i))))``, so it does not depend on generation order or on the
+number of images; JPEG (quality ``JPEG_QUALITY``) and PNG encoding are deterministic, so the
+same seed writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from scipy import ndimage
+
+from fss.data import classes as C
+from fss.data.imageio import write_jpeg, write_mask
+from fss.data.prepared import (
+    _atomic_write_text,
+    begin_prepare,
+    class_areas,
+    finish_prepare,
+    write_areas,
+    write_fold_lists,
+)
+from fss.errors import ConfigError
+
+#: bump when the drawing changes: it seeds the generator and is recorded in meta.json
+GENERATOR_VERSION = 1
+
+DEFAULT_SIZE = 96
+DEFAULT_TRAIN_IMAGES = 1200
+DEFAULT_VAL_IMAGES = 400
+MIN_SIZE = 32
+JPEG_QUALITY = 90
+
+SHAPES = ("disc", "square", "triangle", "ring", "cross")
+TEXTURES = ("plain", "striped", "checkered", "dotted")
+#: hue family name -> centre hue in degrees
+HUES = (("red", 0.0), ("yellow", 55.0), ("green", 130.0), ("blue", 215.0), ("purple", 285.0))
+
+HUE_JITTER_DEG = 12.0
+OFF_HUE_PROBABILITY = 0.2
+OBJECTS_PER_IMAGE = (2, 5)  # inclusive range
+DISTRACTORS_PER_IMAGE = (2, 6)
+OBJECT_RADIUS = (0.12, 0.28)  # times the nominal size
+MAX_HIDDEN_FRACTION = 0.6
+PLACEMENT_TRIES = 6
+IMAGE_DIR = "JPEGImages"
+MASK_DIR = "SegmentationClass"
+INSTANCE_DIR = "SegmentationObject"
+ID_LIST_DIR = Path("ImageSets") / "Segmentation"
+
+Track = Callable[[Iterable, str, int], Iterable]
+
+
+def class_attributes(class_id: int) -> tuple[str, str, str]:
+    """(shape, texture, hue family) of a 1-based class id."""
+    if not 1 <= class_id <= 20:
+        raise ConfigError(f"synthetic class id {class_id} is outside 1..20.")
+    fold, j = divmod(class_id - 1, 5)
+    return SHAPES[j], TEXTURES[(j + fold) % 4], HUES[(j + 2 * fold) % 5][0]
+
+
+def _class_hue(class_id: int) -> float:
+    fold, j = divmod(class_id - 1, 5)
+    return HUES[(j + 2 * fold) % 5][1]
+
+
+CLASS_NAMES = tuple("-".join(reversed(class_attributes(c))) for c in range(1, 21))
+
+
+def default_min_area(size: int) -> int:
+    """PASCAL's 2048-pixel rule (for ~500x375 images) scaled to a ``size`` x ``size`` image."""
+    return int(round(2048 * size * size / (500 * 375)))
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def _hsv(h_deg: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb((h_deg % 360.0) / 360.0, s, v), dtype=np.float32) * 255.0
+
+
+def _local_coords(h: int, w: int, cx: float, cy: float, reach: float, angle: float):
+    """Box slices around (cx, cy) within ``reach`` pixels and rotated pixel coords (u, v)."""
+    y0, y1 = max(0, int(math.floor(cy - reach))), min(h, int(math.ceil(cy + reach)) + 1)
+    x0, x1 = max(0, int(math.floor(cx - reach))), min(w, int(math.ceil(cx + reach)) + 1)
+    if y0 >= y1 or x0 >= x1:
+        return None
+    dy = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5 - cy
+    dx = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5 - cx
+    cos, sin = math.cos(angle), math.sin(angle)
+    u = cos * dx + sin * dy
+    v = -sin * dx + cos * dy
+    return (slice(y0, y1), slice(x0, x1)), u, v
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Shape inside the unit circle in normalised local coordinates."""
+    if shape == "disc":
+        return u * u + v * v <= 1.0
+    if shape == "ring":
+        r2 = u * u + v * v
+        inner = rng.uniform(0.5, 0.62)
+        return (r2 <= 1.0) & (r2 >= inner * inner)
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.8
+    if shape == "triangle":  # equilateral, circumradius 1.15: three half-planes at inradius
+        inside = np.ones(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
+        for a in (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3):
+            inside &= u * math.cos(a) + v * math.sin(a) <= 0.575
+        return inside
+    if shape == "cross":
+        au, av = np.abs(u), np.abs(v)
+        return ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0))
+    raise AssertionError(shape)
+
+
+def _texture_pattern(texture: str, pu: np.ndarray, pv: np.ndarray, radius: float,
+                     rng: np.random.Generator) -> np.ndarray | None:
+    """Where the texture's second colour goes (pixel-scale local coordinates), or None."""
+    if texture == "plain":
+        return None
+    period = max(3.5, radius * rng.uniform(0.32, 0.45))
+    ph_u, ph_v = rng.uniform(0, 1, size=2)
+    if texture == "striped":
+        return np.mod(pu / period + ph_u, 1.0) < 0.5
+    if texture == "checkered":
+        return ((np.floor(pu / period + ph_u) + np.floor(pv / period + ph_v)) % 2) == 1
+    if texture == "dotted":
+        period *= 1.25
+        fu = np.mod(pu / period + ph_u, 1.0) - 0.5
+        fv = np.mod(pv / period + ph_v, 1.0) - 0.5
+        return fu * fu + fv * fv <= 0.3 * 0.3
+    raise AssertionError(texture)
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Linear gradient between two muted colours plus low-frequency colour noise."""
+    c0 = _hsv(rng.uniform(0, 360), rng.uniform(0.05, 0.6), rng.uniform(0.25, 0.9))
+    c1 = _hsv(rng.uniform(0, 360), rng.uniform(0.05, 0.6), rng.uniform(0.25, 0.9))
+    angle = rng.uniform(0, 2 * math.pi)
+    yy = np.arange(h, dtype=np.float32)[:, None] / h
+    xx = np.arange(w, dtype=np.float32)[None, :] / w
+    t = (math.cos(angle) * xx + math.sin(angle) * yy)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    image = c0 * (1 - t[..., None]) + c1 * t[..., None]
+    grid = rng.normal(0.0, 22.0, size=(5, 5, 3)).astype(np.float32)
+    image += ndimage.zoom(grid, (h / 5, w / 5, 1), order=1, mode="nearest", grid_mode=True)
+    return image
+
+
+def _draw_distractors(image: np.ndarray, rng: np.random.Generator, size: int) -> None:
+    """Thin bars and elongated speckled ellipses: shapes and textures of no class."""
+    h, w = image.shape[:2]
+    for _ in range(rng.integers(DISTRACTORS_PER_IMAGE[0], DISTRACTORS_PER_IMAGE[1] + 1)):
+        colour = _hsv(rng.uniform(0, 360), rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0))
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        angle = rng.uniform(0, math.pi)
+        if rng.random() < 0.5:  # bar: 1.5-3 px wide, long
+            half_len = rng.uniform(0.15, 0.45) * size
+            half_wid = rng.uniform(0.75, 1.5)
+            box = _local_coords(h, w, cx, cy, half_len + 2, angle)
+            if box is None:
+                continue
+            sl, u, v = box
+            mask = (np.abs(u) <= half_len) & (np.abs(v) <= half_wid)
+            image[sl][mask] = colour
+        else:  # ellipse, aspect 2.5..4, speckle noise
+            a = rng.uniform(0.08, 0.2) * size
+            b = a / rng.uniform(2.5, 4.0)
+            box = _local_coords(h, w, cx, cy, a + 2, angle)
+            if box is None:
+                continue
+            sl, u, v = box
+            mask = (u / a) ** 2 + (v / b) ** 2 <= 1.0
+            n = int(mask.sum())
+            image[sl][mask] = colour + rng.normal(0.0, 35.0, size=(n, 3)).astype(np.float32)
+
+
+def _object_colours(class_id: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Primary colour (class hue family, jittered; random with OFF_HUE_PROBABILITY) and the
+    pattern's contrasting second colour."""
+    if rng.random() < OFF_HUE_PROBABILITY:
+        hue = rng.uniform(0, 360)
+    else:
+        hue = _class_hue(class_id) + rng.normal(0.0, HUE_JITTER_DEG)
+    sat, val = rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0)
+    second_val = val - rng.uniform(0.35, 0.5) if rng.random() < 0.7 else min(1.0, val + 0.4)
+    second = _hsv(hue + rng.uniform(-40, 40), rng.uniform(0.1, 1.0), max(0.05, second_val))
+    return _hsv(hue, sat, val), second
+
+
+def _band(instances: np.ndarray) -> np.ndarray:
+    """Pixels whose 8-neighbourhood holds a different instance id (both sides of each edge)."""
+    band = np.zeros(instances.shape, dtype=bool)
+    for (a, b) in (
+        ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+        ((slice(1, None), slice(None)), (slice(None, -1), slice(None))),
+        ((slice(1, None), slice(1, None)), (slice(None, -1), slice(None, -1))),
+        ((slice(1, None), slice(None, -1)), (slice(None, -1), slice(1, None))),
+    ):
+        diff = instances[a] != instances[b]
+        band[a] |= diff
+        band[b] |= diff
+    return band
+
+
+def render_image(seed: int, index: int, size: int = DEFAULT_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image ``index`` of the pool for ``seed``: RGB ``uint8 [H, W, 3]``, class map and
+    instance map ``uint8 [H, W]`` (255 band). Depends only on (seed, index, size)."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence((GENERATOR_VERSION, seed, index))))
+    spread = size // 6
+    h = int(rng.integers(size - spread, size + spread + 1))
+    w = int(rng.integers(size - spread, size + spread + 1))
+    image = _background(rng, h, w)
+    _draw_distractors(image, rng, size)
+
+    instances = np.zeros((h, w), dtype=np.int32)
+    object_classes: list[int] = []
+    full_area: list[int] = []
+    visible: list[int] = []
+    for _ in range(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1)):
+        class_id = int(rng.integers(1, 21))
+        shape, texture, _ = class_attributes(class_id)
+        for _try in range(PLACEMENT_TRIES):
+            radius = rng.uniform(*OBJECT_RADIUS) * size
+            cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
+            angle = rng.uniform(0, 2 * math.pi)
+            stretch = rng.uniform(0.85, 1.15, size=2)
+            box = _local_coords(h, w, cx, cy, 1.2 * radius * stretch.max() + 1, angle)
+            if box is None:
+                continue
+            sl, pu, pv = box
+            mask = _shape_mask(shape, pu / (radius * stretch[0]), pv / (radius * stretch[1]), rng)
+            area = int(mask.sum())
+            if area == 0:
+                continue
+            lost = np.bincount(instances[sl][mask], minlength=len(visible) + 1)[1:]
+            if all(visible[i] - lost[i] >= (1 - MAX_HIDDEN_FRACTION) * full_area[i] for i in range(len(visible))):
+                break
+        else:
+            continue
+        primary, second = _object_colours(class_id, rng)
+        pattern = _texture_pattern(texture, pu, pv, radius, rng)
+        shade = 1.0 + rng.uniform(0.05, 0.2) * (pu * math.cos(angle) + pv * math.sin(angle)) / radius
+        colours = np.broadcast_to(primary, pu.shape + (3,))
+        if pattern is not None:
+            colours = np.where(pattern[..., None], second, primary)
+        patch = image[sl]
+        patch[mask] = (colours * shade[..., None])[mask]
+        for i, n in enumerate(lost):
+            visible[i] -= int(n)
+        instances[sl][mask] = len(visible) + 1
+        object_classes.append(class_id)
+        full_area.append(area)
+        visible.append(area)
+
+    # renumber visible instances 1..n in paint order; class of each
+    new_id = np.zeros(len(visible) + 1, dtype=np.uint8)
+    class_of = np.zeros(len(visible) + 1, dtype=np.uint8)
+    kept = [i for i, n in enumerate(visible) if n > 0]
+    for rank, i in enumerate(kept, start=1):
+        new_id[i + 1] = rank
+        class_of[i + 1] = object_classes[i]
+    band = _band(instances)
+    class_map = class_of[instances]
+    class_map[band] = C.IGNORE_INDEX
+    instance_map = new_id[instances]
+    instance_map[band] = C.IGNORE_INDEX
+
+    # photometric: soft edges, global gain, sensor noise
+    image = ndimage.gaussian_filter(image, sigma=(0.6, 0.6, 0))
+    image = image * rng.uniform(0.85, 1.15) + rng.normal(0.0, 5.0, size=image.shape).astype(np.float32)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), class_map, instance_map
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+def image_id(index: int) -> str:
+    return f"syn_{index:06d}"
+
+
+def prepare_synthetic(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    size: int = DEFAULT_SIZE,
+    train_images: int = DEFAULT_TRAIN_IMAGES,
+    val_images: int = DEFAULT_VAL_IMAGES,
+    min_area: int | None = None,
+    track: Track | None = None,
+) -> dict:
+    """Generate the synthetic benchmark in the VOC layout under ``out`` and build its fold
+    lists (pascal convention, pfenet area rule with ``min_area``, default
+    ``default_min_area(size)``). Returns a summary: image and list counts, min_area, seconds.
+    """
+    for name, value, low in (("size", size, MIN_SIZE), ("train_images", train_images, 1),
+                             ("val_images", val_images, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"synthetic {name}={value!r} is invalid; use an integer >= {low}.")
+    if min_area is None:
+        min_area = default_min_area(size)
+    if not isinstance(min_area, int) or min_area < 0:
+        raise ConfigError(f"synthetic min_area={min_area!r} is invalid; use an integer >= 0 (0 disables the rule).")
+
+    start = time.perf_counter()
+    out = begin_prepare(Path(out))
+    for sub in (IMAGE_DIR, MASK_DIR, INSTANCE_DIR):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    total = train_images + val_images
+    indices: Iterable[int] = range(total)
+    if track is not None:
+        indices = track(indices, "generating synthetic images", total)
+    areas: dict[str, dict[int, int]] = {}
+    for index in indices:
+        name = image_id(index)
+        image, class_map, instance_map = render_image(seed, index, size)
+        write_jpeg(out / IMAGE_DIR / f"{name}.jpg", image, quality=JPEG_QUALITY)
+        write_mask(out / MASK_DIR / f"{name}.png", class_map)
+        write_mask(out / INSTANCE_DIR / f"{name}.png", instance_map)
+        areas[name] = class_areas(class_map)
+
+    train_ids = [image_id(i) for i in range(train_images)]
+    val_ids = [image_id(i) for i in range(train_images, total)]
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        _atomic_write_text(out / ID_LIST_DIR / f"{split}.txt", "".join(i + "\n" for i in ids))
+    ordered_areas = {i: areas[i] for i in train_ids + val_ids}
+    write_areas(out, ordered_areas)
+    counts = write_fold_lists(out, "synthetic", "pascal", train_ids, val_ids, ordered_areas,
+                              min_area=min_area)
+    options = {
+        "seed": seed, "size": size, "train_images": train_images, "val_images": val_images,
+        "min_area": min_area, "generator_version": GENERATOR_VERSION, "jpeg_quality": JPEG_QUALITY,
+    }
+    finish_prepare(out, {
+        "dataset": "synthetic",
+        "num_classes": 20,
+        "class_names": list(CLASS_NAMES),
+        "image_dir": IMAGE_DIR,
+        "image_ext": ".jpg",
+        "mask_dir": MASK_DIR,
+        "instance_dir": INSTANCE_DIR,
+        "conventions": ["pascal"],
+        "options": options,
+    })
+    return {
+        "dataset": "synthetic",
+        "out": str(out),
+        "images": {"train": train_images, "val": val_images},
+        "lists": {"pascal": counts},
+        "min_area": min_area,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - start, 2),
+    }

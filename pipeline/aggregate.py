@@ -1,0 +1,269 @@
+"""`fss aggregate`: evaluation JSONs -> results.csv (long format) -> the papers' tables.
+
+``results.csv`` has one row per evaluation file (columns :data:`RESULT_COLUMNS`; IoUs as
+fractions). From it, with pandas:
+
+* ``table_miou.{md,tex,csv}``: APANet Table I layout, rows = methods, column groups per
+  shot setting (1-shot, 5-shot), each with Fold-0..Fold-3 and Mean (mIoU in %). The mean
+  is over the folds present; a table with missing folds says so.
+* ``table_fbiou.{md,tex,csv}``: FB-IoU (%) per setting, mean over folds.
+* ``chart_miou.png``: mean mIoU per method and setting.
+* ``summary.json``: mean mIoU / FB-IoU per method and setting (DVC metrics).
+
+One table per (dataset, backbone, protocol); rows are methods, suffixed with the training
+shot when a model was not trained 1-shot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import typer
+
+from fss.errors import ConfigError
+
+RESULT_COLUMNS = [
+    "method", "dataset", "backbone", "shot", "fold", "miou", "fb_iou", "miou_std", "fb_iou_std",
+    "episodes", "runs", "protocol", "train_shot", "selection", "source",
+]
+FOLDS = (0, 1, 2, 3)
+
+
+def find_evaluations(root: str | Path) -> list[Path]:
+    """Every evaluation JSON (``"kind": "fss-evaluation"``) under ``root``, sorted."""
+    root = Path(root)
+    if not root.exists():
+        raise ConfigError(f"--runs {root} does not exist; pass the directory holding the evaluation JSON files.")
+    files = [root] if root.is_file() else sorted(root.rglob("*.json"))
+    found = []
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            continue
+        if isinstance(data, dict) and data.get("kind") == "fss-evaluation":
+            found.append(f)
+    return found
+
+
+def collect_results(files: Iterable[Path]):
+    """The long-format DataFrame of the evaluation files (duplicates refused)."""
+    import pandas as pd
+
+    rows = []
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        try:
+            rows.append({
+                "method": d["method"], "dataset": d["dataset"], "backbone": d["backbone"],
+                "shot": int(d["shot"]), "fold": int(d["fold"]), "miou": float(d["miou"]),
+                "fb_iou": float(d["fb_iou"]), "miou_std": d.get("miou_std", math.nan),
+                "fb_iou_std": d.get("fb_iou_std", math.nan), "episodes": int(d["episodes"]),
+                "runs": int(d.get("num_runs", 1)), "protocol": d["protocol"],
+                "train_shot": d.get("train_shot") if d.get("train_shot") is not None else math.nan,
+                "selection": d.get("checkpoint_selection", ""), "source": str(f),
+            })
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"evaluation file {f} lacks or mangles {exc}; re-run 'fss evaluate'.") from None
+    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    if df.empty:
+        return df
+    df = df.sort_values(["dataset", "backbone", "protocol", "method", "train_shot", "shot", "fold"], kind="stable")
+    key = ["dataset", "backbone", "protocol", "method", "train_shot", "shot", "fold"]
+    dup = df[df.duplicated(key, keep=False)]
+    if not dup.empty:
+        first = dup.iloc[0]
+        files = ", ".join(dup[(dup[key] == first[key]).all(axis=1)]["source"])
+        raise ConfigError(
+            f"several evaluations of {first['method']} fold {first['fold']} {first['shot']}-shot "
+            f"({first['protocol']}): {files}; keep one of them."
+        )
+    return df.reset_index(drop=True)
+
+
+def _row_label(method: str, train_shot) -> str:
+    if train_shot is None or (isinstance(train_shot, float) and math.isnan(train_shot)) or int(train_shot) == 1:
+        return method
+    return f"{method} (trained {int(train_shot)}-shot)"
+
+
+def miou_table(df):
+    """Rows = methods; columns (setting, Fold-0..3 | Mean), mIoU in %."""
+    import pandas as pd
+
+    d = df.assign(row=[_row_label(m, t) for m, t in zip(df["method"], df["train_shot"])],
+                  setting=[f"{s}-shot" for s in df["shot"]], value=100 * df["miou"])
+    wide = d.pivot_table(index="row", columns=["setting", "fold"], values="value", aggfunc="first")
+    settings = sorted(d["setting"].unique(), key=lambda s: int(s.split("-")[0]))
+    cols = {}
+    for s in settings:
+        for f in FOLDS:
+            cols[(s, f"Fold-{f}")] = wide[(s, f)] if (s, f) in wide.columns else pd.Series(math.nan, index=wide.index)
+        present = [wide[(s, f)] for f in FOLDS if (s, f) in wide.columns]
+        cols[(s, "Mean")] = pd.concat(present, axis=1).mean(axis=1, skipna=True)
+    table = pd.DataFrame(cols, index=wide.index)
+    table.columns = pd.MultiIndex.from_tuples(table.columns, names=["setting", ""])
+    table.index.name = "Method"
+    return table
+
+
+def fbiou_table(df):
+    """Rows = methods; one column per setting: FB-IoU (%) averaged over the folds present."""
+    d = df.assign(row=[_row_label(m, t) for m, t in zip(df["method"], df["train_shot"])],
+                  setting=[f"{s}-shot" for s in df["shot"]], value=100 * df["fb_iou"])
+    table = d.pivot_table(index="row", columns="setting", values="value", aggfunc="mean")
+    table = table[sorted(table.columns, key=lambda s: int(s.split("-")[0]))]
+    table.index.name = "Method"
+    table.columns.name = None
+    return table
+
+
+def _fmt(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+
+
+def _best_per_column(table) -> dict:
+    best = {}
+    for c in table.columns:
+        col = table[c].astype(float)
+        best[c] = col.max() if col.notna().any() else None
+    return best
+
+
+def to_markdown(table, title: str = "") -> str:
+    """A GitHub-flavoured Markdown table (best value per column in bold)."""
+    cols = list(table.columns)
+    heads = [" ".join(str(x) for x in c if str(x)) if isinstance(c, tuple) else str(c) for c in cols]
+    best = _best_per_column(table)
+    lines = []
+    if title:
+        lines += [f"**{title}**", ""]
+    lines.append("| " + " | ".join([table.index.name or "Method"] + heads) + " |")
+    lines.append("|" + "---|" + "|".join(["---:"] * len(cols)) + "|")
+    for name, row in table.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            s = _fmt(v)
+            if best[c] is not None and not (isinstance(v, float) and math.isnan(v)) and len(table) > 1 and v == best[c]:
+                s = f"**{s}**"
+            cells.append(s)
+        lines.append("| " + " | ".join([str(name)] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _tex_escape(s: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#")):
+        s = s.replace(a, b)
+    return s
+
+
+def to_latex(table, caption: str = "") -> str:
+    """A booktabs tabular; MultiIndex columns become \\multicolumn groups."""
+    cols = list(table.columns)
+    multi = isinstance(cols[0], tuple)
+    best = _best_per_column(table)
+    lines = [r"\begin{table}[t]", r"\centering"]
+    if caption:
+        lines.append(r"\caption{" + _tex_escape(caption) + "}")
+    lines.append(r"\begin{tabular}{l" + "c" * len(cols) + "}")
+    lines.append(r"\toprule")
+    if multi:
+        groups: list[tuple[str, int]] = []
+        for c in cols:
+            if groups and groups[-1][0] == c[0]:
+                groups[-1] = (c[0], groups[-1][1] + 1)
+            else:
+                groups.append((c[0], 1))
+        head = ["Method"] + [r"\multicolumn{%d}{c}{%s}" % (n, _tex_escape(str(g))) for g, n in groups]
+        lines.append(" & ".join(head) + r" \\")
+        start, rules = 2, []
+        for _, n in groups:
+            rules.append(r"\cmidrule(lr){%d-%d}" % (start, start + n - 1))
+            start += n
+        lines.append(" ".join(rules))
+        lines.append(" & ".join([""] + [_tex_escape(str(c[1])) for c in cols]) + r" \\")
+    else:
+        lines.append(" & ".join(["Method"] + [_tex_escape(str(c)) for c in cols]) + r" \\")
+    lines.append(r"\midrule")
+    for name, row in table.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            s = _fmt(v).replace("–", "--")
+            if best[c] is not None and len(table) > 1 and not (isinstance(v, float) and math.isnan(v)) and v == best[c]:
+                s = r"\textbf{" + s + "}"
+            cells.append(s)
+        lines.append(" & ".join([_tex_escape(str(name))] + cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def aggregate(runs: str | Path, out: str | Path) -> dict:
+    """Write results.csv, the tables and the chart for every evaluation under ``runs``."""
+    import pandas as pd
+
+    from pipeline.runs import atomic_write_text, write_json
+
+    files = find_evaluations(runs)
+    if not files:
+        raise ConfigError(f"no evaluation JSON ('fss evaluate' output) under {runs}; run the evaluations first.")
+    df = collect_results(files)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.csv", df.to_csv(index=False, float_format="%.6f"))
+
+    md_parts, tex_parts, miou_csv, fb_csv, chart_tables = [], [], [], [], []
+    summary: dict = {}
+    groups = list(df.groupby(["dataset", "backbone", "protocol"], sort=True))
+    for (dataset, backbone, protocol), g in groups:
+        label = f"{dataset}, backbone {backbone}, protocol {protocol}"
+        mt = miou_table(g)
+        ft = fbiou_table(g)
+        folds_present = sorted(g["fold"].unique())
+        note = "" if len(folds_present) == len(FOLDS) else \
+            f" (Mean over the folds present: {', '.join(map(str, folds_present))})"
+        md_parts.append(to_markdown(mt, f"mIoU (%) — {label}{note}"))
+        md_parts.append(to_markdown(ft, f"FB-IoU (%) — {label}, mean over folds"))
+        tex_parts.append(to_latex(mt, f"mIoU (%) on {label}{note}."))
+        tex_parts.append(to_latex(ft, f"FB-IoU (%) on {label}, mean over folds."))
+        flat = mt.copy()
+        flat.columns = [f"{a} {b}" for a, b in flat.columns]
+        miou_csv.append(flat.reset_index().assign(dataset=dataset, backbone=backbone, protocol=protocol))
+        fb_csv.append(ft.reset_index().assign(dataset=dataset, backbone=backbone, protocol=protocol))
+        means = mt.xs("Mean", axis=1, level=1)
+        chart_tables.append((label, means))
+        for method, row in means.iterrows():
+            for setting, v in row.items():
+                key = f"{dataset}/{backbone}/{protocol}/{method}/{setting}"
+                summary[key] = {"miou": None if math.isnan(v) else round(float(v), 4),
+                                "fb_iou": None if math.isnan(ft.loc[method, setting]) else round(float(ft.loc[method, setting]), 4)}
+    atomic_write_text(out / "table_miou.md", "\n".join(md_parts[0::2]))
+    atomic_write_text(out / "table_fbiou.md", "\n".join(md_parts[1::2]))
+    atomic_write_text(out / "table_miou.tex", "\n".join(tex_parts[0::2]))
+    atomic_write_text(out / "table_fbiou.tex", "\n".join(tex_parts[1::2]))
+    atomic_write_text(out / "table_miou.csv", pd.concat(miou_csv).to_csv(index=False, float_format="%.2f"))
+    atomic_write_text(out / "table_fbiou.csv", pd.concat(fb_csv).to_csv(index=False, float_format="%.2f"))
+    from pipeline.figures import results_chart
+
+    label, means = chart_tables[0]
+    results_chart(means, out / "chart_miou.png", title=f"mIoU — {label}")
+    write_json(out / "summary.json", summary)
+    return {"evaluations": len(df), "groups": len(groups), "out": str(out),
+            "files": sorted(p.name for p in out.iterdir() if p.is_file())}
+
+
+def aggregate_command(
+    runs: Path = typer.Option(..., "--runs", help="Directory searched (recursively) for evaluation JSON files."),
+    out: Path = typer.Option(..., help="Output directory for results.csv, tables and chart."),
+) -> None:
+    """Collect evaluations into results.csv and the papers' tables (Markdown, LaTeX, CSV, PNG)."""
+    from pipeline.console import console
+
+    report = aggregate(runs, out)
+    console.print(f"[green]aggregated[/green] {report['evaluations']} evaluations -> {out}", highlight=False)
+    console.print((Path(out) / "table_miou.md").read_text(), highlight=False, markup=False)
+    typer.echo(json.dumps(report, sort_keys=True))

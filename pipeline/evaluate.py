@@ -1,0 +1,443 @@
+"""`fss evaluate`: score a trained run (or an imported released model) under a test protocol.
+
+The protocol (``fss.data.protocols``) fixes the episodes, seeds and runs, the test input
+size and where predictions are scored (protocol sections 3-5). mIoU and FB-IoU come from
+``fss.metrics.IoUMeter`` (intersections and unions summed per class over the episodes);
+with several runs the JSON gives the mean, the population standard deviation and every
+run. A model trained with K shots can be evaluated with any number of shots: the model is
+rebuilt with the evaluation shot and the trained weights are loaded strictly.
+
+Output JSON (``--out``, default ``RUN_DIR/eval-<protocol>-<K>shot.json``)::
+
+    {"kind": "fss-evaluation", "miou", "fb_iou", "class_iou", "miou_std", "fb_iou_std",
+     "runs": [{"seed", "miou", "fb_iou", "class_iou", "class_episodes", "episodes"}],
+     "episodes", "protocol", "protocol_options", "checkpoint", "checkpoint_selection",
+     "method", "dataset", "backbone", "fold", "shot", "train_shot", ...}
+
+and a PNG of sample episodes next to it (support, query, ground truth, prediction).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from fss.errors import CheckpointError, ConfigError
+
+EVAL_KIND = "fss-evaluation"
+EVAL_VERSION = 1
+
+
+# ---------------------------------------------------------------- protocols
+
+
+def make_protocol(name: str, dataset: str, *, episodes: int | None = None, size: int | None = None,
+                  runs: int | None = None, seed: int | None = None):
+    """A protocol preset with the given overrides.
+
+    ``seed`` S replaces the preset's seeds by S, S+1, ... (one per run).
+    """
+    from fss.data.protocols import protocol_preset
+
+    overrides: dict[str, Any] = {}
+    if episodes is not None:
+        overrides["episodes"] = int(episodes)
+    if size is not None:
+        overrides["size"] = int(size)
+    if seed is not None:
+        base = protocol_preset(name, dataset, **({"runs": runs} if runs else {}))
+        overrides["seeds"] = tuple(int(seed) + r for r in range(base.runs))
+    elif runs is not None:
+        overrides["runs"] = int(runs)
+    return protocol_preset(name, dataset, **overrides)
+
+
+def validation_protocol(config):
+    """The run's validation episodes: the test protocol's sampling/size with one run of
+    ``validation.episodes`` episodes on seed ``validation.seed``."""
+    return make_protocol(config.test.protocol, config.dataset, episodes=config.validation.episodes,
+                         size=config.test.size, runs=1, seed=config.validation.seed)
+
+
+# ---------------------------------------------------------------- the evaluation loop
+
+
+def _logits_at(logits, size):
+    import torch.nn.functional as F
+
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def evaluate_model(
+    model,
+    data,
+    protocol,
+    *,
+    shot: int,
+    device,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    ways: int = 1,
+    sample_episodes: int = 0,
+    track: Callable | None = None,
+    description: str = "evaluate",
+) -> dict:
+    """Run every run of ``protocol`` on ``data`` (the fold's val list); IoUMeter results.
+
+    Returns the :func:`fss.metrics.summarize_runs` summary plus ``episodes`` (per run),
+    ``class_episodes`` (run 0) and ``samples`` (the first ``sample_episodes`` episodes of
+    run 0, as uint8 images and label maps for the figure and W&B).
+    """
+    import contextlib
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from fss.data.episodes import collate_episodes
+    from fss.data.transforms import original_resolution_pairs
+    from fss.metrics import IoUMeter, summarize_runs
+
+    model.eval()
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if precision == "bf16" \
+        else contextlib.nullcontext
+    results, samples = [], []
+    for run in range(protocol.runs):
+        episodes = protocol.episode_dataset(data, shot, run=run, ways=ways)
+        loader = DataLoader(episodes, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            collate_fn=collate_episodes, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(0))
+        meter = IoUMeter(data.novel_classes, ignore_index=protocol.ignore_index)
+        batches = loader
+        if track is not None:
+            label = description if protocol.runs == 1 else f"{description} run {run + 1}/{protocol.runs}"
+            batches = track(loader, label, len(loader))
+        with torch.no_grad():
+            for batch in batches:
+                with autocast():
+                    logits = model.predict(batch["support_images"].to(device), batch["support_masks"].to(device),
+                                           batch["query_images"].to(device))
+                logits = logits.float()
+                class_ids = batch["class_ids"]
+                if protocol.score_at_original:
+                    pairs = original_resolution_pairs(logits, batch["query_label_original"], batch["original_size"],
+                                                      protocol.resize)
+                    for b, (out, target) in enumerate(pairs):
+                        meter.update_batch(out.argmax(1), target, class_ids[b:b + 1])
+                else:
+                    labels = batch["query_masks"].to(device)
+                    meter.update_batch(_logits_at(logits, labels.shape[-2:]).argmax(1), labels, class_ids)
+                if run == 0 and len(samples) < sample_episodes:
+                    samples.extend(_samples(batch, logits, sample_episodes - len(samples)))
+        results.append({**meter.compute(), "seed": protocol.seeds[run]})
+    summary = summarize_runs(results)
+    summary["episodes"] = results[0]["episodes"]
+    summary["class_episodes"] = results[0]["class_episodes"]
+    summary["samples"] = samples
+    return summary
+
+
+def _samples(batch: dict, logits, count: int) -> list[dict]:
+    """uint8 pictures of the first ``count`` episodes of a batch (way 0, support 0)."""
+    import numpy as np
+
+    from fss.data.transforms import denormalize
+
+    out = []
+    labels = batch["query_masks"]
+    pred = _logits_at(logits, labels.shape[-2:]).argmax(1).cpu()
+    for b in range(min(count, logits.shape[0])):
+        s_img = batch["support_images"][b]
+        s_mask = batch["support_masks"][b]
+        while s_img.dim() > 3:
+            s_img, s_mask = s_img[0], s_mask[0]
+
+        def pic(t):
+            return denormalize(t.float()).clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
+
+        cid = batch["class_ids"][b]
+        out.append({
+            "support": pic(s_img),
+            "support_mask": s_mask.numpy().astype(np.uint8),
+            "query": pic(batch["query_images"][b]),
+            "ground_truth": labels[b].numpy().astype(np.uint8),
+            "prediction": pred[b].numpy().astype(np.uint8),
+            "class_id": int(cid.reshape(-1)[0]),
+            "episode": int(batch["episode_index"][b]) if "episode_index" in batch else b,
+        })
+    return out
+
+
+# ---------------------------------------------------------------- models
+
+
+def load_model_for_shot(path: str | os.PathLike, shot: int):
+    """Build the model a model file describes with ``shot`` shots and load it strictly."""
+    from fss.models.checkpoints import MODEL_FILE_FORMAT, load_strict, safe_torch_load
+    from fss.models.registry import create_model
+
+    blob = safe_torch_load(path)
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FILE_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a model file of this project; import released checkpoints with "
+            f"'fss checkpoint import --format ...' first."
+        )
+    for key in ("method", "backbone", "shot", "knobs", "state_dict"):
+        if key not in blob:
+            raise CheckpointError(f"model file {path} lacks {key!r}; it is damaged: re-create it.")
+    model = create_model(blob["method"], backbone=blob["backbone"], shot=int(shot), **dict(blob["knobs"]))
+    load_strict(model, blob["state_dict"], str(path))
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model, meta
+
+
+def _default_out(run_dir: Path | None, model: Path | None, protocol: str, shot: int) -> Path:
+    base = run_dir if run_dir is not None else model.parent
+    stem = "eval" if run_dir is not None else f"eval-{model.stem}"
+    return base / f"{stem}-{protocol}-{shot}shot.json"
+
+
+def evaluate_one(
+    *,
+    model_path: Path,
+    selection: str,
+    method_meta: dict | None,
+    data,
+    dataset: str,
+    fold: int,
+    shot: int,
+    protocol,
+    device,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+    ways: int,
+    out: Path,
+    figure: Path | None,
+    figure_episodes: int,
+    tracking,
+    run_dir: Path | None,
+    group_shot: int,
+    track: Callable | None = None,
+    say: Callable[[str], None] | None = None,
+) -> dict:
+    """Evaluate one model file at ``shot`` shots and write the JSON (and the figure)."""
+    from pipeline.runs import write_json
+    from pipeline.tracking import Tracker
+
+    say = say or (lambda m: None)
+    model, meta = load_model_for_shot(model_path, shot)
+    model = model.to(device)
+    tracker = Tracker(
+        enabled=tracking.wandb, project=tracking.project, entity=tracking.entity,
+        group=f"{meta['method']}-{dataset}-{meta['backbone']}-{group_shot}shot", job_type="evaluate",
+        name=f"fold{fold}-{shot}shot", init_timeout=tracking.init_timeout, warn=say,
+        config={"method": meta["method"], "dataset": dataset, "backbone": meta["backbone"], "fold": fold,
+                "shot": shot, "train_shot": meta.get("shot"), "knobs": meta.get("knobs", {}),
+                "protocol": protocol.describe(), "checkpoint": str(model_path), "selection": selection},
+    )
+    start = time.monotonic()
+    n_samples = max(figure_episodes if figure is not None else 0, tracking.images if tracker.active else 0)
+    result = evaluate_model(
+        model, data, protocol, shot=shot, device=device, batch_size=batch_size, num_workers=num_workers,
+        precision=precision, ways=ways, sample_episodes=n_samples, track=track,
+        description=f"evaluate {meta['method']} fold {fold} {shot}-shot",
+    )
+    seconds = time.monotonic() - start
+    samples = result.pop("samples")
+    report = {
+        "kind": EVAL_KIND,
+        "version": EVAL_VERSION,
+        "method": meta["method"],
+        "dataset": dataset,
+        "backbone": meta["backbone"],
+        "fold": int(fold),
+        "shot": int(shot),
+        "train_shot": meta.get("shot"),
+        "ways": ways,
+        "knobs": meta.get("knobs", {}),
+        "miou": result["miou"],
+        "fb_iou": result["fb_iou"],
+        "class_iou": {str(k): v for k, v in result.get("class_iou", {}).items()},
+        "episodes": result["episodes"],
+        "num_runs": len(result["runs"]),
+        "runs": [
+            {"seed": r["seed"], "miou": r["miou"], "fb_iou": r["fb_iou"], "episodes": r["episodes"],
+             "class_iou": {str(k): v for k, v in r["class_iou"].items()},
+             "class_episodes": {str(k): v for k, v in r["class_episodes"].items()},
+             "missing_classes": r.get("missing_classes", [])}
+            for r in result["runs"]
+        ],
+        "class_episodes": {str(k): v for k, v in result["class_episodes"].items()},
+        "protocol": protocol.name,
+        "protocol_options": protocol.describe(),
+        "checkpoint": str(model_path),
+        "checkpoint_selection": selection,
+        "checkpoint_source": meta.get("source", ""),
+        "run_dir": str(run_dir) if run_dir is not None else None,
+        "data_root": str(data.root),
+        "convention": data.convention,
+        "novel_classes": list(data.novel_classes),
+        "device": str(device),
+        "precision": precision,
+        "seconds": round(seconds, 3),
+    }
+    if len(result["runs"]) > 1:
+        report["miou_std"] = result["miou_std"]
+        report["fb_iou_std"] = result["fb_iou_std"]
+        if "class_iou_std" in result:
+            report["class_iou_std"] = {str(k): v for k, v in result["class_iou_std"].items()}
+    if figure is not None and figure_episodes > 0 and samples:
+        from pipeline.figures import episode_figure
+
+        title = (f"{meta['method']} {dataset} fold {fold} {shot}-shot ({protocol.name}): "
+                 f"mIoU {100 * report['miou']:.1f}, FB-IoU {100 * report['fb_iou']:.1f}")
+        episode_figure(samples[:figure_episodes], figure, title=title, class_names=_class_names(data))
+        report["figure"] = str(figure)
+    write_json(out, report)
+    tracker.summary({"miou": report["miou"], "fb_iou": report["fb_iou"], "episodes": report["episodes"],
+                     **({"miou_std": report["miou_std"]} if "miou_std" in report else {})})
+    tracker.log({"miou": report["miou"], "fb_iou": report["fb_iou"],
+                 **{f"class_iou/{k}": v for k, v in report["class_iou"].items()}})
+    if samples and tracker.active:
+        tracker.images("predictions", [
+            {"image": s["query"], "prediction": s["prediction"], "ground_truth": s["ground_truth"],
+             "caption": f"episode {s['episode']} class {s['class_id']}"}
+            for s in samples[: tracking.images]
+        ])
+    tracker.finish()
+    return report
+
+
+def _class_names(data) -> dict[int, str]:
+    names = data.meta.get("class_names") or []
+    return {i + 1: n for i, n in enumerate(names)}
+
+
+# ---------------------------------------------------------------- the command
+
+
+def evaluate_command(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory of 'fss train'."),
+    shot: list[int] = typer.Option([1], "--shot", help="Shots at test time; repeat for several (--shot 1 --shot 5)."),
+    protocol: Optional[str] = typer.Option(None, help="pfenet, bam, hsnet, panet or canet (default: the run's test.protocol)."),
+    episodes: Optional[int] = typer.Option(None, help="Episodes per run (default: the protocol's, or test.episodes)."),
+    seed: Optional[int] = typer.Option(None, help="Episode seed S (runs use S, S+1, ...; default: the protocol's)."),
+    runs: Optional[int] = typer.Option(None, help="Number of runs (default: the protocol's)."),
+    size: Optional[int] = typer.Option(None, help="Test input side (default: the protocol's, or test.size)."),
+    out: Optional[Path] = typer.Option(None, help="JSON file to write; may contain {shot} and {protocol} (default: RUN_DIR/eval-<protocol>-<K>shot.json)."),
+    figure: Optional[Path] = typer.Option(None, help="PNG of sample episodes (default: the JSON path with .png)."),
+    checkpoint: str = typer.Option("selected", help="Which weights of the run: selected (model.pt), last or best."),
+    model: Optional[Path] = typer.Option(None, "--model", help="An imported model file ('fss checkpoint import') instead of --run."),
+    dataset: Optional[str] = typer.Option(None, help="With --model: pascal, coco or synthetic."),
+    root: Optional[Path] = typer.Option(None, help="With --model: prepared dataset directory."),
+    fold: Optional[int] = typer.Option(None, help="With --model: fold 0..3."),
+    convention: Optional[str] = typer.Option(None, help="With --model on COCO: interleaved or contiguous."),
+    ways: int = typer.Option(1, help="Ways per episode (N-way needs the panet protocol; PANet Table 3)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default: the run's train.device)."),
+    batch_size: Optional[int] = typer.Option(None, help="Episodes per forward pass (default: test.batch_size)."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: data.num_workers)."),
+    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Log to W&B (default: tracking.wandb)."),
+    params: Optional[Path] = typer.Option(None, help="Params file for --model defaults (default ./params.yaml)."),
+) -> None:
+    """Evaluate a trained run or an imported model under a test protocol; writes JSON + PNG."""
+    import dataclasses
+    import json
+
+    from fss.data.classes import check_dataset, check_fold
+    from fss.data.prepared import PreparedDataset
+    from pipeline import runs as R
+    from pipeline.config import (
+        build_section,
+        eval_defaults,
+        load_params,
+        resolve_device,
+        tracking_defaults,
+    )
+    from pipeline.console import console, track
+
+    say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731
+    if (run is None) == (model is None):
+        raise ConfigError("give either --run RUN_DIR or --model FILE (with --dataset, --root and --fold).")
+    for k in shot:
+        if k < 1:
+            raise ConfigError(f"--shot {k} must be a positive integer.")
+    if checkpoint not in ("selected", "last", "best"):
+        raise ConfigError(f"--checkpoint {checkpoint!r}; choose one of: selected, last, best.")
+
+    if run is not None:
+        if any(v is not None for v in (dataset, root, fold, convention)):
+            raise ConfigError("--dataset/--root/--fold/--convention go with --model; a run directory knows its data.")
+        rd = R.RunDir(run)
+        config = rd.load_config()
+        names = {"selected": R.MODEL_SELECTED, "last": R.MODEL_LAST, "best": R.MODEL_BEST}
+        model_path = rd.file(names[checkpoint])
+        if not model_path.is_file():
+            raise CheckpointError(
+                f"{model_path} does not exist; the run is not finished (rerun its 'fss train' command)"
+                + (" or it had no validation (validation.select: best)." if checkpoint == "best" else ".")
+            )
+        selection = checkpoint
+        if checkpoint == "selected":
+            summary_file = rd.file(R.SUMMARY_FILE)
+            selection = R.read_json(summary_file, "run summary").get("selected", "last") if summary_file.is_file() else "last"
+        ds_name, fold_, root_, conv = config.dataset, config.fold, Path(config.data.root), config.data.convention
+        test_cfg, tracking = config.test, config.tracking
+        if device is None:
+            device = config.train.device
+        workers = config.data.num_workers if num_workers is None else num_workers
+        precision = config.train.precision
+        group_shot = config.shot
+    else:
+        if dataset is None or root is None or fold is None:
+            raise ConfigError("--model needs --dataset, --root and --fold.")
+        check_dataset(dataset)
+        check_fold(fold)
+        model_path, selection = model, "imported"
+        p, _ = load_params(params)
+        ds_name, fold_, root_, conv = dataset, fold, root, convention
+        test_cfg, tracking = eval_defaults(p, dataset), tracking_defaults(p, dataset)
+        workers = num_workers or 0
+        precision = "fp32"
+        group_shot = None
+        rd = None
+    if wandb is not None:
+        tracking = dataclasses.replace(tracking, wandb=wandb)
+    dev = resolve_device(device or "auto")
+    name = protocol or test_cfg.protocol
+    proto = make_protocol(
+        name, ds_name, episodes=episodes if episodes is not None else test_cfg.episodes,
+        size=size if size is not None else test_cfg.size, runs=runs if runs is not None else test_cfg.runs, seed=seed,
+    )
+    data = PreparedDataset(root_, fold_, "val", conv)
+    if data.dataset != ds_name:
+        raise ConfigError(f"{root_} holds the {data.dataset} dataset, not {ds_name}; pass the right --root.")
+    if len(shot) > 1 and out is not None and "{shot}" not in str(out):
+        raise ConfigError(f"--out {out} must contain {{shot}} when several --shot values are given.")
+    bs = batch_size or test_cfg.batch_size
+    reports = []
+    for k in shot:
+        out_k = Path(str(out).format(shot=k, protocol=name)) if out is not None else _default_out(
+            run, model, name, k)
+        fig_k = Path(str(figure).format(shot=k, protocol=name)) if figure is not None else out_k.with_suffix(".png")
+        report = evaluate_one(
+            model_path=model_path, selection=selection, method_meta=None, data=data, dataset=ds_name, fold=fold_,
+            shot=k, protocol=proto, device=dev, batch_size=bs, num_workers=workers, precision=precision,
+            ways=ways, out=out_k, figure=fig_k, figure_episodes=test_cfg.figure_episodes, tracking=tracking,
+            run_dir=run, group_shot=group_shot or k, track=track, say=say,
+        )
+        console.print(
+            f"[green]{report['method']}[/green] fold {fold_} {k}-shot ({name}, {report['episodes']} episodes"
+            f"{', %d runs' % report['num_runs'] if report['num_runs'] > 1 else ''}): "
+            f"mIoU {100 * report['miou']:.2f}  FB-IoU {100 * report['fb_iou']:.2f} -> {out_k}",
+            highlight=False,
+        )
+        reports.append({k2: v for k2, v in report.items() if k2 in (
+            "method", "dataset", "fold", "shot", "miou", "fb_iou", "miou_std", "episodes", "protocol", "checkpoint")})
+    typer.echo(json.dumps(reports if len(reports) > 1 else reports[0], sort_keys=True))

@@ -1,0 +1,235 @@
+"""`fss pretrain`: the small backbone of the synthetic benchmark, per fold, on base classes only.
+
+The FSS methods start from a backbone pretrained elsewhere (ImageNet for the real
+datasets). The synthetic benchmark has no such set, and every synthetic class is novel in
+one fold, so a backbone trained on all classes would have seen the test classes' labels.
+Instead each fold gets its own backbone, trained by semantic segmentation of that fold's
+15 base classes + background on the fold's training list only:
+
+* images of ``lists/<convention>/fold<k>/train.txt`` (the base-class list the FSS methods
+  train on), resized to ``size x size``, random horizontal flips;
+* labels: base class c -> its index 1..15 among the base classes, everything else
+  (background, and novel-class pixels, exactly as in episodic base training where other
+  classes are background) -> 0, 255 kept as ignore;
+* a small head on ``layer4`` (3x3 conv 128 + BN + ReLU + 1x1 conv to 16 classes), logits
+  upsampled bilinearly to the label size, cross-entropy ignoring 255;
+* SGD (momentum 0.9), poly learning rate, a few epochs.
+
+Only the backbone's weights are written (a plain state dict, atomically), loadable with
+``build_backbone("small", weights=FILE)``; a JSON report with the training loss and the
+training-set pixel accuracy / base-class mIoU is written next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from fss.errors import ConfigError
+
+DEFAULTS = {"epochs": 6, "batch_size": 16, "lr": 0.02, "weight_decay": 1e-4, "momentum": 0.9, "size": 65,
+            "seed": 0, "power": 0.9}
+
+
+def load_split_tensors(data, base_classes: list[int], size: int, track: Callable | None = None):
+    """All images of a prepared split as normalised ``[N,3,S,S]`` and remapped labels ``[N,S,S]``."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from fss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    lut = np.zeros(256, dtype=np.int64)
+    for i, c in enumerate(base_classes):
+        lut[c] = i + 1
+    lut[255] = 255
+    images, labels = [], []
+    indices = range(len(data))
+    if track is not None:
+        indices = track(indices, "load pretraining images", len(data))
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for i in indices:
+        image, mask = data.load(i)
+        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None] / 255.0
+        img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)[0]
+        lab = torch.from_numpy(lut[mask])[None, None].float()
+        lab = F.interpolate(lab, size=(size, size), mode="nearest")[0, 0].long()
+        images.append((img - mean) / std)
+        labels.append(lab)
+    return torch.stack(images), torch.stack(labels)
+
+
+def pretrain_backbone(
+    root: str | Path,
+    fold: int,
+    out: str | Path,
+    *,
+    backbone: str = "small",
+    convention: str | None = None,
+    epochs: int = DEFAULTS["epochs"],
+    batch_size: int = DEFAULTS["batch_size"],
+    lr: float = DEFAULTS["lr"],
+    weight_decay: float = DEFAULTS["weight_decay"],
+    momentum: float = DEFAULTS["momentum"],
+    power: float = DEFAULTS["power"],
+    size: int = DEFAULTS["size"],
+    seed: int = DEFAULTS["seed"],
+    device: str = "auto",
+    track: Callable | None = None,
+) -> dict:
+    """Train a backbone on fold ``fold``'s base classes and write its weights to ``out``."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from fss.data.prepared import PreparedDataset
+    from fss.models.backbones import build_backbone
+    from fss.models.checkpoints import atomic_torch_save
+    from pipeline.config import resolve_device
+    from pipeline.runs import write_json
+
+    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("size", size, 17)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"pretrain {name}={value!r} must be an integer >= {low}.")
+    if not lr > 0:
+        raise ConfigError(f"pretrain lr={lr!r} must be positive.")
+    start = time.monotonic()
+    dev = resolve_device(device)
+    data = PreparedDataset(root, fold, "train", convention)
+    base = list(data.base_classes)
+    images, labels = load_split_tensors(data, base, size, track)
+    n = images.shape[0]
+    if n < batch_size:
+        raise ConfigError(f"pretrain batch_size={batch_size} exceeds the {n} training images of fold {fold}; lower it.")
+
+    torch.manual_seed(seed)
+    net = build_backbone(backbone)
+    channels = net.stage_channels["layer4"]
+    head = nn.Sequential(
+        nn.Conv2d(channels, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+        nn.Conv2d(128, len(base) + 1, 1),
+    )
+    model = nn.ModuleDict({"backbone": net, "head": head}).to(dev)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    per_epoch = n // batch_size
+    total = epochs * per_epoch
+    generator = torch.Generator().manual_seed(seed)
+
+    def forward(x):
+        feats = model["backbone"](x)["layer4"]
+        return F.interpolate(model["head"](feats), size=x.shape[-2:], mode="bilinear", align_corners=True)
+
+    model.train()
+    losses = []
+    steps = range(total)
+    if track is not None:
+        steps = track(steps, f"pretrain {backbone} fold {fold}", total)
+    order = None
+    for it in steps:
+        epoch, b = divmod(it, per_epoch)
+        if b == 0:
+            order = torch.randperm(n, generator=generator)
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        x, y = images[idx], labels[idx]
+        flip = torch.rand(len(idx), generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        y = torch.where(flip[:, None, None], y.flip(-1), y)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * (1 - it / total) ** power
+        loss = F.cross_entropy(forward(x.to(dev)), y.to(dev), ignore_index=255)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+
+    # training-set accuracy (a sanity check; there is no held-out base-class split)
+    model.eval()
+    k = len(base) + 1
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    with torch.no_grad():
+        for s in range(0, n, 64):
+            pred = forward(images[s:s + 64].to(dev)).argmax(1).cpu()
+            y = labels[s:s + 64]
+            valid = y != 255
+            confusion += torch.bincount(y[valid] * k + pred[valid], minlength=k * k).view(k, k)
+    inter = confusion.diag().double()
+    union = confusion.sum(0).double() + confusion.sum(1).double() - inter
+    iou = (inter / union.clamp(min=1)).tolist()
+    out = Path(out)
+    atomic_torch_save({k2: v.detach().cpu() for k2, v in net.state_dict().items()}, out)
+    tail = losses[-max(1, per_epoch):]
+    report = {
+        "kind": "fss-pretrain",
+        "backbone": backbone,
+        "dataset": data.dataset,
+        "fold": fold,
+        "convention": data.convention,
+        "base_classes": base,
+        "novel_classes_seen_as_background": list(data.novel_classes),
+        "images": n,
+        "size": size,
+        "epochs": epochs,
+        "iterations": total,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "final_loss": sum(tail) / len(tail),
+        "train_pixel_accuracy": float(inter.sum() / confusion.sum().clamp(min=1)),
+        "train_base_miou": float(sum(iou[1:]) / len(base)),
+        "seconds": round(time.monotonic() - start, 2),
+        "weights": str(out),
+    }
+    write_json(out.with_suffix(".json"), report)
+    return report
+
+
+def pretrain_command(
+    fold: int = typer.Option(..., help="Fold 0..3: its base classes are the only labels used."),
+    out: Path = typer.Option(..., help="Backbone weight file to write (.pt)."),
+    dataset: str = typer.Option("synthetic", help="Dataset of the prepared directory (the synthetic benchmark)."),
+    root: Path = typer.Option(Path("data/synthetic"), help="Prepared dataset directory."),
+    backbone: str = typer.Option("small", help="Backbone to pretrain."),
+    convention: Optional[str] = typer.Option(None, help="Fold convention (default: the dataset's)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: params.yaml pretrain.epochs)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (default: pretrain.batch_size)."),
+    lr: Optional[float] = typer.Option(None, help="Base learning rate (default: pretrain.lr)."),
+    size: Optional[int] = typer.Option(None, help="Training image side (default: pretrain.size)."),
+    seed: Optional[int] = typer.Option(None, help="Seed (default: pretrain.seed)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    params: Optional[Path] = typer.Option(None, help="Params file (default ./params.yaml)."),
+) -> None:
+    """Pretrain a backbone by semantic segmentation of one fold's base classes (no novel labels)."""
+    from fss.data.classes import check_dataset, check_fold
+    from fss.models.backbones import list_backbones
+    from pipeline.config import load_params
+    from pipeline.console import console, track
+
+    check_dataset(dataset)
+    check_fold(fold)
+    if backbone not in list_backbones():
+        raise ConfigError(f"unknown backbone {backbone!r}; choose one of: {', '.join(list_backbones())}.")
+    p, _ = load_params(params)
+    section = dict(DEFAULTS)
+    extra = p.get("pretrain") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError("params key pretrain must be a mapping.")
+    unknown = sorted(set(extra) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"params section pretrain has no key {unknown[0]!r}; its keys are: {', '.join(DEFAULTS)}.")
+    section.update(extra)
+    cli = dict(epochs=epochs, batch_size=batch_size, lr=lr, size=size, seed=seed)
+    section.update({k: v for k, v in cli.items() if v is not None})
+    report = pretrain_backbone(root, fold, out, backbone=backbone, convention=convention, device=device,
+                               track=track, **section)
+    if report["dataset"] != dataset:
+        raise ConfigError(f"{root} holds the {report['dataset']} dataset, not {dataset}; pass the right --root.")
+    console.print(
+        f"[green]pretrained[/green] {backbone} fold {fold}: loss {report['final_loss']:.3f}, "
+        f"base mIoU (train) {100 * report['train_base_miou']:.1f} -> {out}", highlight=False,
+    )
+    typer.echo(json.dumps(report, sort_keys=True))

@@ -1,0 +1,480 @@
+"""`fss train`: episodic training of one method on one fold, resumable at any moment.
+
+Launch (one GPU or CPU; the run directory holds everything)::
+
+    fss train --method apanet --dataset pascal --fold 0 --shot 1 --backbone resnet50v2 \\
+        --set backbone_weights=weights/resnet50_v2.pth --device cuda --out runs/apanet-pascal-f0
+
+Running the same command again on the same ``--out`` resumes from ``checkpoint.pt``; a run
+killed at any moment and resumed ends with the same weights and metrics as an
+uninterrupted one (same seed, same device): the episodes of (seed, epoch, index) are
+deterministic (``fss.data.episodes``), the model/optimiser/RNG states are checkpointed,
+validation leaves the global RNGs untouched, and rows a killed run logged after its last
+checkpoint are dropped on resume.
+
+Learning rate per iteration ``it`` (0-based) of ``total`` (protocol section 6):
+
+* ``poly`` (PFENet's ``poly_learning_rate`` with ``curr_iter = it + 1``):
+  ``lr = base * (1 - (it + 1) / total) ** power``;
+* ``step`` (PANet): ``lr = base * gamma ** (number of milestones m with it >= round(m * total))``;
+* ``constant`` (CANet).
+
+``optim.pfenet_lr_x10`` multiplies the result by 10 (PFENet's reference quirk; off).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from fss.errors import ConfigError, DataError
+
+from pipeline.config import RunConfig, resolve_run_config
+
+TrackFn = Callable[..., Any]
+
+
+# ---------------------------------------------------------------- schedule and optimiser
+
+
+def learning_rate(config: RunConfig, iteration: int, total: int) -> float:
+    """The lr of (0-based) ``iteration`` of ``total`` (see the module docstring)."""
+    base = config.optim.lr
+    sched = config.schedule
+    if sched.name == "poly":
+        lr = base * max(0.0, 1.0 - (iteration + 1) / total) ** sched.power
+    elif sched.name == "step":
+        passed = sum(1 for m in sched.milestones if iteration >= int(round(m * total)))
+        lr = base * sched.gamma ** passed
+    else:
+        lr = base
+    if sched.warmup_iterations and iteration < sched.warmup_iterations:
+        lr *= (iteration + 1) / sched.warmup_iterations
+    if config.optim.pfenet_lr_x10:
+        lr *= 10.0
+    return lr
+
+
+def make_optimizer(config: RunConfig, model):
+    import torch
+
+    params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else [
+        p for p in model.parameters() if p.requires_grad
+    ]
+    if not params:
+        raise ConfigError(f"method {config.method} has no trainable parameter with these knobs; nothing to train.")
+    o = config.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                               nesterov=o.nesterov and o.momentum > 0)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+# ---------------------------------------------------------------- data
+
+
+def open_split(config: RunConfig, split: str):
+    """The fold's prepared list (``train``: base classes, ``val``: novel classes)."""
+    from fss.data.prepared import PreparedDataset
+
+    data = PreparedDataset(config.data.root, config.fold, split, config.data.convention)
+    if data.dataset != config.dataset:
+        raise DataError(
+            f"{config.data.root} holds the {data.dataset} dataset, not {config.dataset}; "
+            f"point data.root at a prepared {config.dataset} directory."
+        )
+    return data
+
+
+def training_ways(config: RunConfig) -> int:
+    return int(config.knobs.get("ways", 1) or 1)
+
+
+def build_training_episodes(config: RunConfig):
+    from fss.data.episodes import EpisodeDataset, TrainEpisodeSampler
+    from fss.data.transforms import build_train_transform
+
+    data = open_split(config, "train")
+    ways = training_ways(config)
+    sampling = config.data.sampling if ways == 1 else "panet"
+    sampler = TrainEpisodeSampler(
+        data, shot=config.shot, seed=config.train.seed, ways=ways, sampling=sampling,
+        episodes_per_epoch=config.data.episodes_per_epoch if sampling == "panet" else None,
+    )
+    transform = build_train_transform(config.data.augment, config.dataset, size=config.data.train_size)
+    return EpisodeDataset(data, sampler, transform, seed=config.train.seed, keep_original=False)
+
+
+def epoch_loader(dataset, epoch: int, first_batch: int, batch_size: int, num_workers: int, pin: bool):
+    """Batches ``first_batch..`` of ``epoch`` (drop_last); no global RNG is consumed."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from fss.data.episodes import collate_episodes
+
+    dataset.set_epoch(epoch)
+    n = len(dataset) // batch_size
+    batches = [list(range(b * batch_size, (b + 1) * batch_size)) for b in range(first_batch, n)]
+    return DataLoader(
+        dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_episodes,
+        pin_memory=pin, persistent_workers=False, generator=torch.Generator().manual_seed(0),
+    )
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def build_model(config: RunConfig, shot: int | None = None, with_weights: bool = True):
+    from fss.models.registry import create_model
+
+    return create_model(
+        config.method, backbone=config.backbone, shot=shot or config.shot,
+        backbone_weights=config.backbone_weights if with_weights else None, **dict(config.knobs),
+    )
+
+
+def set_determinism(config: RunConfig, device) -> bool:
+    import torch
+
+    mode = config.train.deterministic
+    on = (device.type == "cpu") if mode == "auto" else mode == "on"
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    return on
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def train_run(
+    config: RunConfig,
+    out: str | os.PathLike,
+    *,
+    stop_after: int | None = None,
+    track: TrackFn | None = None,
+    say: Callable[[str], None] | None = None,
+) -> dict:
+    """Train (or resume, or finish) the run in ``out``; returns the run summary.
+
+    ``stop_after`` (testing): checkpoint and return after that many iterations, as if
+    the process had been killed right after a checkpoint.
+    """
+    import torch
+
+    from fss.models.checkpoints import save_model_file
+    from pipeline import runs as R
+    from pipeline.config import resolve_device
+    from pipeline.evaluate import validation_protocol, evaluate_model
+    from pipeline.tracking import Tracker
+
+    say = say or (lambda m: None)
+    run = R.RunDir(out)
+    run.prepare(config)  # a rerun must match the saved config (operational keys aside)
+    device = resolve_device(config.train.device)
+    deterministic = set_determinism(config, device)
+
+    dataset = build_training_episodes(config)
+    bs = config.train.batch_size
+    per_epoch = len(dataset) // bs
+    if per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size={bs} is larger than the {len(dataset)} training episodes per epoch of fold {config.fold}; lower it."
+        )
+    total = config.train.iterations or config.train.epochs * per_epoch
+
+    # validation data (novel classes of the fold, seed distinct from the test seeds)
+    val_every = config.validation.every
+    validate = val_every > 0 or config.validation.select == "best"
+    val_data = open_split(config, "val") if validate else None
+    val_protocol = validation_protocol(config) if validate else None
+
+    seed_everything(config.train.seed)
+    model = build_model(config).to(device)
+    optimizer = make_optimizer(config, model)
+
+    curves = R.CsvLog(run.file(R.CURVES_FILE), ("iteration", "epoch", "lr"))
+    val_log = R.CsvLog(run.file(R.VAL_FILE), ("iteration", "epoch"))
+    start, best, window, elapsed_before = 0, {"miou": None, "iteration": None}, {}, 0.0
+
+    if run.checkpoint_file.is_file():
+        blob = R.load_checkpoint(run.checkpoint_file)
+        R.checkpoint_matches_model(blob, model, run.checkpoint_file)
+        if blob["total_iterations"] != total:
+            raise ConfigError(
+                f"{run.checkpoint_file} was written for {blob['total_iterations']} iterations, this run has {total}; choose a new --out."
+            )
+        model.load_state_dict(blob["model"])
+        try:
+            optimizer.load_state_dict(blob["optimizer"])
+        except (ValueError, KeyError, RuntimeError):
+            raise ConfigError(f"{run.checkpoint_file} holds an optimiser state that does not fit; choose a new --out.") from None
+        R.restore_rng_state(blob["rng"])
+        start, best, window = int(blob["iteration"]), blob["best"], blob["window"]
+        elapsed_before = float(blob.get("elapsed_s", 0.0))
+        curves.truncate_after(start)
+        val_log.truncate_after(start)
+        run.log(f"resumed at iteration {start}/{total}")
+        say(f"resuming {out} at iteration {start}/{total}")
+    else:
+        curves.reset()
+        val_log.reset()
+        run.log(f"started: {config.method} {config.dataset} fold {config.fold} {config.shot}-shot, {total} iterations")
+
+    tracker = Tracker(
+        enabled=config.tracking.wandb, project=config.tracking.project, entity=config.tracking.entity,
+        group=config.group, job_type="train", name=f"fold{config.fold}", config=config.to_dict(),
+        run_id=_wandb_id(run), init_timeout=config.tracking.init_timeout, warn=say,
+    )
+    _save_wandb_id(run, tracker)
+
+    autocast = _autocast(config, device)
+    progress_hook = getattr(model, "set_train_progress", None)
+    clock = time.monotonic()
+    last_checkpoint = clock
+    elapsed = lambda: elapsed_before + (time.monotonic() - clock)  # noqa: E731
+    stop_reason = None
+
+    def save_state(iteration: int) -> None:
+        nonlocal last_checkpoint
+        R.save_checkpoint(
+            run.checkpoint_file, config=config, iteration=iteration, total_iterations=total, model=model,
+            optimizer=optimizer, scheduler_state={"name": config.schedule.name, "last_lr": learning_rate(config, max(iteration - 1, 0), total)},
+            best=best, window=window, elapsed_s=elapsed(),
+        )
+        last_checkpoint = time.monotonic()
+
+    def run_validation(iteration: int, epoch: int) -> None:
+        nonlocal best
+        with R.rng_preserved():
+            result = evaluate_model(
+                model, val_data, val_protocol, shot=config.shot, device=device,
+                batch_size=config.test.batch_size, num_workers=config.data.num_workers,
+                precision=config.train.precision, ways=1,
+            )
+        model.train()
+        row = {"iteration": iteration, "epoch": epoch, "val_miou": result["miou"], "val_fb_iou": result["fb_iou"],
+               "val_episodes": result["episodes"]}
+        val_log.append(row)
+        tracker.log({"val/miou": result["miou"], "val/fb_iou": result["fb_iou"]}, step=iteration)
+        if best["miou"] is None or result["miou"] > best["miou"]:
+            best = {"miou": float(result["miou"]), "fb_iou": float(result["fb_iou"]), "iteration": iteration}
+            save_model_file(run.file(R.MODEL_BEST), model, method=config.method, backbone=config.backbone,
+                            shot=config.shot, knobs=dict(config.knobs), source=f"run:{run.path}@{iteration}")
+        run.log(f"validation at {iteration}: mIoU {result['miou']:.4f} FB-IoU {result['fb_iou']:.4f}")
+
+    model.train()
+    done = start
+    with _StopFlag() as stop:
+        iterator = None
+        steps = range(start, total)
+        if track is not None and start < total:
+            steps = track(steps, f"train {config.method} fold {config.fold}", total - start)
+        for it in steps:
+            epoch, batch_index = divmod(it, per_epoch)
+            if iterator is None or batch_index == 0:
+                iterator = iter(epoch_loader(dataset, epoch, batch_index, bs, config.data.num_workers,
+                                             pin=device.type == "cuda"))
+            batch = to_device(next(iterator), device)
+            lr = learning_rate(config, it, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if progress_hook is not None:
+                progress_hook(it / total)
+            with autocast():
+                output = model(batch)
+            loss = output.losses["loss"]
+            if not torch.isfinite(loss.detach()).all():
+                raise ConfigError(
+                    f"the loss became {float(loss.detach())} at iteration {it}; lower optim.lr or check the data (run {out})."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], config.train.grad_clip)
+            optimizer.step()
+
+            for name, value in output.losses.items():
+                window[name] = window.get(name, 0.0) + float(value.detach())
+            window["_n"] = window.get("_n", 0) + 1
+            done = it + 1
+            if done % config.train.log_every == 0 or done == total:
+                n = window.pop("_n")
+                row = {"iteration": done, "epoch": epoch, "lr": lr}
+                row.update({k: v / n for k, v in sorted(window.items())})
+                row["seconds"] = round(elapsed(), 3)
+                curves.append(row)
+                tracker.log({f"train/{k}": v for k, v in row.items() if k != "iteration"}, step=done)
+                window = {}
+            if validate and ((val_every and done % val_every == 0) or done == total):
+                run_validation(done, epoch)
+            minutes = config.train.checkpoint_minutes
+            due = (
+                done == total
+                or (config.train.checkpoint_every and done % config.train.checkpoint_every == 0)
+                or (minutes > 0 and time.monotonic() - last_checkpoint >= minutes * 60)
+                or (stop_after is not None and done >= stop_after)
+                or stop.signal is not None
+            )
+            if due:
+                save_state(done)
+            if stop_after is not None and done >= stop_after and done < total:
+                stop_reason = f"stopped after iteration {done} (--stop-after)"
+                break
+            if stop.signal is not None and done < total:
+                stop_reason = f"interrupted by signal {stop.signal} at iteration {done}; checkpoint saved"
+                break
+    if stop_reason is not None:
+        run.log(stop_reason)
+        tracker.finish(exit_code=1)
+        say(f"{stop_reason}; rerun the same command to resume.")
+        return {"status": "stopped", "iteration": done, "total_iterations": total}
+
+    if start >= total:
+        say(f"{out} was already trained ({total} iterations); writing its final files.")
+    summary = _finish(config, run, model, best, total, per_epoch, elapsed(), deterministic, device)
+    tracker.summary({"final/" + k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    tracker.finish()
+    return summary
+
+
+def _finish(config: RunConfig, run, model, best, total, per_epoch, elapsed_s, deterministic, device) -> dict:
+    """Final model files and summary (idempotent: redone when a finished run is rerun)."""
+    from fss.models.checkpoints import save_model_file
+    from pipeline import runs as R
+
+    save_model_file(run.file(R.MODEL_LAST), model, method=config.method, backbone=config.backbone,
+                    shot=config.shot, knobs=dict(config.knobs), source=f"run:{run.path}@{total}")
+    selected = "last"
+    if config.validation.select == "best" and run.file(R.MODEL_BEST).is_file():
+        selected = "best"
+    source = run.file(R.MODEL_BEST if selected == "best" else R.MODEL_LAST)
+    tmp = run.file(".model.pt.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, run.file(R.MODEL_SELECTED))
+    summary = {
+        "kind": "fss-train-summary",
+        "method": config.method,
+        "dataset": config.dataset,
+        "fold": config.fold,
+        "shot": config.shot,
+        "backbone": config.backbone,
+        "group": config.group,
+        "iterations": total,
+        "iterations_per_epoch": per_epoch,
+        "epochs": total / per_epoch,
+        "selection": config.validation.select,
+        "selected": selected,
+        "selected_file": R.MODEL_SELECTED,
+        "selected_from": source.name,
+        "best_val_miou": best.get("miou"),
+        "best_val_iteration": best.get("iteration"),
+        "validation": {"split": "val (the fold's novel classes)", "seed": config.validation.seed,
+                       "episodes": config.validation.episodes, "every": config.validation.every},
+        "train_seconds": round(elapsed_s, 3),
+        "device": str(device),
+        "deterministic_algorithms": deterministic,
+    }
+    R.write_json(run.file(R.SUMMARY_FILE), summary)
+    run.log(f"finished: selected {selected} weights ({source.name})")
+    return summary
+
+
+def _wandb_id(run) -> str | None:
+    p = run.file("wandb_run_id.txt")
+    return p.read_text().strip() or None if p.is_file() else None
+
+
+def _save_wandb_id(run, tracker) -> None:
+    if tracker.run_id:
+        from pipeline.runs import atomic_write_text
+
+        atomic_write_text(run.file("wandb_run_id.txt"), tracker.run_id + "\n")
+
+
+def _autocast(config: RunConfig, device):
+    import contextlib
+
+    import torch
+
+    if config.train.precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+# ---------------------------------------------------------------- the command
+
+
+def train_command(
+    method: str = typer.Option(..., help="Method name (see 'fss methods')."),
+    dataset: str = typer.Option(..., help="pascal, coco or synthetic."),
+    fold: int = typer.Option(..., help="Fold 0..3."),
+    shot: int = typer.Option(1, help="Shots per training episode."),
+    out: Path = typer.Option(..., help="Run directory (created; rerun the same command to resume)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone (default from params.yaml)."),
+    iterations: Optional[int] = typer.Option(None, help="Train for N optimiser steps (overrides params.yaml)."),
+    epochs: Optional[int] = typer.Option(None, help="Train for E passes over the training list."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default from params.yaml: auto)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE override, repeatable (optim.lr=0.01, knobs.lam=0.3, lam=0.3)."),
+    params: Optional[Path] = typer.Option(None, help="Params file (default ./params.yaml, else the repository's)."),
+    stop_after: Optional[int] = typer.Option(None, hidden=True, help="Testing: checkpoint and stop after N iterations."),
+) -> None:
+    """Train METHOD on one fold; the resolved config is saved in OUT and printed."""
+    import json
+
+    from pipeline.console import console, track
+
+    config = resolve_run_config(
+        method=method, dataset=dataset, fold=fold, shot=shot, backbone=backbone, iterations=iterations,
+        epochs=epochs, device=device, set_values=set_, params_path=params,
+    )
+    console.print(f"[bold]train[/bold] {config.group} fold {config.fold} -> {out}", highlight=False)
+    console.print(config.to_yaml().rstrip(), highlight=False, markup=False)
+    summary = train_run(config, out, stop_after=stop_after, track=track,
+                        say=lambda m: console.print(m, highlight=False, markup=False))
+    typer.echo(json.dumps(summary, sort_keys=True, default=str))

@@ -1,0 +1,232 @@
+"""Transforms: pfenet augmentation pieces, test resize modes, original-resolution scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fss.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MEAN_PIXEL_255,
+    CANetTrainTransform,
+    PFENetTrainTransform,
+    TestTransform,
+    build_test_transform,
+    build_train_transform,
+    denormalize,
+    image_to_tensor,
+    masks_to_tensor,
+    normalize,
+    original_resolution_pairs,
+    pad_label_square,
+    pfenet_pad_size,
+    rand_hflip,
+    rand_rotate,
+    rand_scale,
+    random_crop_keeping_foreground,
+    to_original_resolution,
+)
+from fss.errors import ConfigError
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def striped_image(h, w):
+    """An image whose red channel is the column index and green the row index."""
+    ys, xs = np.mgrid[0:h, 0:w]
+    return np.stack([xs * 3 % 256, ys * 3 % 256, np.full_like(xs, 128)], -1).astype(np.uint8)
+
+
+def test_normalize_mean_pixel_is_zero_and_roundtrip():
+    img = torch.tensor(MEAN_PIXEL_255).view(3, 1, 1).expand(3, 4, 5).clone()
+    assert torch.allclose(normalize(img), torch.zeros(3, 4, 5), atol=1e-5)
+    x = torch.rand(3, 6, 7) * 255
+    assert torch.allclose(denormalize(normalize(x)), x, atol=1e-3)
+    black = normalize(torch.zeros(3, 1, 1)).flatten()
+    expected = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
+    assert torch.allclose(black, expected, atol=1e-5)
+
+
+def test_pfenet_train_output_sizes_and_label_padding():
+    t = PFENetTrainTransform(size=65, scale_range=(0.9, 1.1))
+    image = striped_image(30, 44)  # smaller than the crop even after scaling: padded
+    label = np.zeros((1, 30, 44), np.uint8)
+    label[0, 5:20, 5:30] = 1
+    for seed in range(6):
+        img, masks = t(image, label, rng(seed), "query")
+        assert img.shape == (3, 65, 65) and img.dtype == torch.float32
+        assert masks.shape == (1, 65, 65) and masks.dtype == torch.int64
+        assert set(masks.unique().tolist()) <= {0, 1, 255}
+        # centred padding: first and last rows are padding -> label 255, image = mean (0 after norm)
+        assert (masks[0, 0] == 255).all() and (masks[0, -1] == 255).all()
+        assert img[:, 0, :].abs().max() < 1e-4
+        assert (masks[0] == 1).sum() > 0
+
+
+def test_rand_scale_keeps_aspect_and_range():
+    image, masks = image_to_tensor(striped_image(40, 60)), masks_to_tensor(np.zeros((40, 60), np.uint8))
+    for seed in range(10):
+        img, m = rand_scale(image, masks, rng(seed), (0.8, 1.25))
+        h, w = m.shape[-2:]
+        assert img.shape[-2:] == (h, w)
+        assert 32 <= h <= 50 and 48 <= w <= 75
+        assert abs(w / h - 1.5) < 0.06
+
+
+def test_rotation_pads_image_with_mean_and_label_with_255():
+    image = image_to_tensor(np.zeros((41, 41, 3), np.uint8))  # black image
+    masks = masks_to_tensor(np.ones((2, 41, 41), np.uint8))
+    img, m = rand_rotate(image, masks, rng(), angle_range=(9.0, 10.0), p=1.0)
+    corner = normalize(img)[:, 0, 0]
+    assert corner.abs().max() < 0.05, corner  # the mean pixel normalises to ~0
+    assert (m[:, 0, 0] == 255).all()
+    assert normalize(img)[:, 20, 20].min() < -1.5  # the centre stays black
+    assert (m[:, 20, 20] == 1).all()
+    # p = 0: untouched
+    img0, m0 = rand_rotate(image, masks, rng(), p=0.0)
+    assert torch.equal(img0, image) and torch.equal(m0, masks)
+
+
+def test_crop_retry_keeps_foreground():
+    h = w = 100
+    image = image_to_tensor(striped_image(h, w))
+    label = np.zeros((1, h, w), np.uint8)
+    label[0, 2:14, 2:14] = 1  # small object in a corner: most 50x50 crops lose it
+    masks = masks_to_tensor(label)
+    raw = int((masks[0] == 1).sum())
+    lost_without_retry = 0
+    for seed in range(30):
+        _, m, retries = random_crop_keeping_foreground(image, masks, 50, rng(seed))
+        kept = int((m[0] == 1).sum())
+        assert kept >= 0.85 * raw or retries == 31
+        _, m0, r0 = random_crop_keeping_foreground(image, masks, 50, rng(seed), max_retries=0)
+        assert r0 == 0
+        lost_without_retry += int((m0[0] == 1).sum()) < 0.85 * raw
+    assert lost_without_retry > 10  # without retries the crop usually loses the object
+
+
+def test_crop_retry_gives_up_after_max_retries():
+    image = image_to_tensor(striped_image(80, 80))
+    label = np.zeros((1, 80, 80), np.uint8)
+    label[0, 5:75, 5:75] = 1  # larger than the crop: never 85% inside
+    _, m, retries = random_crop_keeping_foreground(image_to_tensor(striped_image(80, 80)),
+                                                   masks_to_tensor(label), 40, rng(1))
+    assert retries == 31 and m.shape == (1, 40, 40)
+    _, _, retries = random_crop_keeping_foreground(image, masks_to_tensor(label), 40, rng(1), max_retries=30)
+    assert retries == 30
+
+
+def test_flip_and_crop_keep_image_and_mask_aligned():
+    # label encodes the column; the red channel too: any geometric mismatch breaks equality
+    h, w = 50, 70
+    cols = np.tile(np.arange(w, dtype=np.uint8), (h, 1))
+    image = np.stack([cols * 3, cols * 0, cols * 0], -1).astype(np.uint8)
+    t = PFENetTrainTransform(size=41, scale_range=(1.0, 1.0), rotate_p=0.0, blur_p=0.0, flip_p=0.5)
+    flipped = 0
+    for seed in range(8):
+        img, masks = t(image, cols[None], rng(seed), "query")
+        red = denormalize(img)[0].round().long()
+        assert torch.equal(red, masks[0] * 3)
+        flipped += int(masks[0, 0, 0] > masks[0, 0, -1])
+    assert 0 < flipped < 8
+
+    img_t, m_t = image_to_tensor(image), masks_to_tensor(cols)
+    f_img, f_m = rand_hflip(img_t, m_t, rng(), p=1.0)
+    assert torch.equal(f_img, img_t.flip(-1)) and torch.equal(f_m, m_t.flip(-1))
+
+
+def test_pfenet_pad_size_rounds_down_to_multiple_of_8():
+    assert pfenet_pad_size(375, 500, 473) == (352, 472)  # 354.75 -> 354 -> 352; 473 -> 472
+    assert pfenet_pad_size(500, 375, 473) == (472, 352)
+    assert pfenet_pad_size(100, 100, 473) == (472, 472)
+    assert pfenet_pad_size(427, 640, 641) == (424, 640)
+    for h, w in [(30, 50), (57, 41), (333, 499)]:
+        nh, nw = pfenet_pad_size(h, w, 65)
+        assert nh % 8 == 0 and nw % 8 == 0 and max(nh, nw) <= 65
+
+
+def test_pfenet_pad_pastes_top_left_on_zero_canvas():
+    t = build_test_transform("pfenet_pad", 41)
+    image = np.full((30, 50, 3), 200, np.uint8)
+    label = np.ones((1, 30, 50), np.uint8)
+    img, m = t(image, label, rng(), "query")
+    nh, nw = pfenet_pad_size(30, 50, 41)
+    assert (nh, nw) == (24, 40)
+    raw = denormalize(img)
+    assert torch.allclose(raw[:, :nh, :nw], torch.full((3, nh, nw), 200.0), atol=0.1)
+    assert raw[:, nh:, :].abs().max() < 1e-3 and raw[:, :, nw:].abs().max() < 1e-3  # zero pixels
+    assert (m[0, :nh, :nw] == 1).all() and (m[0, nh:] == 255).all() and (m[0, :, nw:] == 255).all()
+
+
+def test_square_mode_does_not_keep_aspect():
+    t = TestTransform("square", 33)
+    label = np.zeros((1, 20, 60), np.uint8)
+    label[0, :, 30:] = 1
+    img, m = t(striped_image(20, 60), label, rng(), "support")
+    assert img.shape == (3, 33, 33) and m.shape == (1, 33, 33)
+    assert (m[0, :, :15] == 0).all() and (m[0, :, 18:] == 1).all()
+    with pytest.raises(ConfigError, match="square"):
+        TestTransform("bogus", 33)
+
+
+def test_to_original_resolution_and_label_square():
+    logits = torch.randn(2, 2, 41, 41)
+    out = to_original_resolution(logits, (30, 50))
+    assert out.shape == (2, 2, 50, 50)
+    # align_corners=True keeps the corner values
+    assert torch.allclose(out[..., 0, 0], logits[..., 0, 0]) and torch.allclose(out[..., -1, -1], logits[..., -1, -1])
+    assert to_original_resolution(logits, torch.tensor([30, 50]), "square").shape == (2, 2, 30, 50)
+    label = torch.randint(0, 2, (30, 50))
+    sq = pad_label_square(label, 50)
+    assert sq.shape == (50, 50) and torch.equal(sq[:30], label) and (sq[30:] == 255).all()
+    with pytest.raises(ValueError):
+        pad_label_square(label, 40)
+
+
+def test_original_resolution_pairs_per_element():
+    logits = torch.randn(2, 2, 33, 33)
+    labels = torch.full((2, 60, 60), 255, dtype=torch.long)
+    labels[0, :40, :56] = 1
+    labels[1, :60, :44] = 0
+    sizes = torch.tensor([[40, 56], [60, 44]])
+    pairs = list(original_resolution_pairs(logits, labels, sizes))
+    assert [p[0].shape for p in pairs] == [(1, 2, 56, 56), (1, 2, 60, 60)]
+    assert [p[1].shape for p in pairs] == [(1, 56, 56), (1, 60, 60)]
+    assert (pairs[0][1][0, 40:] == 255).all() and (pairs[0][1][0, :40] == 1).all()
+    sq = list(original_resolution_pairs(logits, labels, sizes, "square"))
+    assert sq[1][0].shape == (1, 2, 60, 44) and sq[1][1].shape == (1, 60, 44)
+
+
+def test_named_presets():
+    image, label = striped_image(30, 50), np.zeros((1, 30, 50), np.uint8)
+    for preset, size in [("panet", 33), ("hsnet", 35), ("canet", 33), ("pfenet", 33)]:
+        t = build_train_transform(preset, "synthetic", size=size)
+        for role in ("query", "support"):
+            img, m = t(image, label, rng(3), role)
+            assert img.shape == (3, size, size) and m.shape == (1, size, size)
+    assert build_train_transform("pfenet", "coco").size == 641
+    assert build_train_transform("pfenet", "coco").scale_range == (0.8, 1.25)
+    assert build_train_transform("pfenet", "pascal").scale_range == (0.9, 1.1)
+    assert build_train_transform("panet", "pascal").size == 417
+    img, m = build_train_transform("none")(image, label, rng(), "query")
+    assert img.shape == (3, 30, 50)
+    # hsnet: no augmentation -> independent of the generator
+    t = build_train_transform("hsnet", size=33)
+    assert torch.equal(t(image, label, rng(1))[0], t(image, label, rng(2))[0])
+    with pytest.raises(ConfigError, match="pfenet, panet"):
+        build_train_transform("fancy")
+
+
+def test_canet_support_crop_vs_query_resize():
+    t = CANetTrainTransform(size=33)
+    image = striped_image(40, 40)
+    label = np.zeros((1, 40, 40), np.uint8)
+    q1, _ = t(image, label, rng(1), "query")
+    q2, _ = t(image, label, rng(2), "query")
+    assert torch.equal(q1, q2)  # query: plain resize
+    s = [t(image, label, rng(seed), "support")[0] for seed in range(4)]
+    assert any(not torch.equal(s[0], x) for x in s[1:])  # support: random scale/crop/flip
