@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from pipeline import data_cmd, models_cmd, prepare
+from pipeline import aggregate, data_cmd, evaluate, models_cmd, prepare, pretrain, train
 
 app = typer.Typer(
     help="Few-shot segmentation pipeline: prepare data, train, evaluate, aggregate, sweep, bench.",
@@ -18,6 +18,10 @@ app.add_typer(prepare.app, name="prepare")
 app.add_typer(data_cmd.app, name="data")
 app.command("methods")(models_cmd.methods)
 app.add_typer(models_cmd.checkpoint_app, name="checkpoint")
+app.command("pretrain")(pretrain.pretrain_command)
+app.command("train")(train.train_command)
+app.command("evaluate")(evaluate.evaluate_command)
+app.command("aggregate")(aggregate.aggregate_command)
 
 
 def main() -> None:

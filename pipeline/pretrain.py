@@ -80,6 +80,7 @@ def pretrain_backbone(
     size: int = DEFAULTS["size"],
     seed: int = DEFAULTS["seed"],
     device: str = "auto",
+    dataset: str | None = None,
     track: Callable | None = None,
 ) -> dict:
     """Train a backbone on fold ``fold``'s base classes and write its weights to ``out``."""
@@ -101,6 +102,8 @@ def pretrain_backbone(
     start = time.monotonic()
     dev = resolve_device(device)
     data = PreparedDataset(root, fold, "train", convention)
+    if dataset is not None and data.dataset != dataset:
+        raise ConfigError(f"{root} holds the {data.dataset} dataset, not {dataset}; pass the right --root.")
     base = list(data.base_classes)
     images, labels = load_split_tensors(data, base, size, track)
     n = images.shape[0]
@@ -224,10 +227,16 @@ def pretrain_command(
     section.update(extra)
     cli = dict(epochs=epochs, batch_size=batch_size, lr=lr, size=size, seed=seed)
     section.update({k: v for k, v in cli.items() if v is not None})
+    for key, value in section.items():
+        kind = type(DEFAULTS[key])
+        try:
+            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            section[key] = kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"params key pretrain.{key} must be {kind.__name__}, got {value!r}.") from None
     report = pretrain_backbone(root, fold, out, backbone=backbone, convention=convention, device=device,
-                               track=track, **section)
-    if report["dataset"] != dataset:
-        raise ConfigError(f"{root} holds the {report['dataset']} dataset, not {dataset}; pass the right --root.")
+                               dataset=dataset, track=track, **section)
     console.print(
         f"[green]pretrained[/green] {backbone} fold {fold}: loss {report['final_loss']:.3f}, "
         f"base mIoU (train) {100 * report['train_base_miou']:.1f} -> {out}", highlight=False,

@@ -334,7 +334,7 @@ class EpisodeDataset(Dataset):
     ``query_masks [S,S]``, ``query_base_masks [S,S]``, ``class_ids`` scalar; N-way:
     ``[N,K,...]`` and ``class_ids [N]``), ``episode_index``, and
     with ``keep_original`` (default for test episodes) ``query_label_original`` (the
-    query's target label at original resolution, 0/1/255, int64 ``[h,w]``) and
+    query's target label at original resolution, 0/1/255 or N-way 0..N/255, int64 ``[h,w]``) and
     ``original_size`` (int64 ``[2]`` = h, w). Batch with :func:`collate_episodes`.
 
     ``other_episode_class``: in N-way episodes a support mask holds this value (default

@@ -20,8 +20,6 @@ Conventions
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as nnf

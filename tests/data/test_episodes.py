@@ -208,7 +208,7 @@ def test_episode_dataset_sample_contents(val):
         EpisodeDataset(val, [mixed], NoAugTransform())[0]
 
 
-def test_episode_dataset_nway_sample(val):
+def test_episode_dataset_nway_sample(val, train):
     specs = TestEpisodeSampler(val, "panet", seed=1, shot=1, ways=2).specs(3)
     ds = EpisodeDataset(val, specs, TestTransform("square", 33), seed=1)
     s = ds[0]
@@ -219,18 +219,19 @@ def test_episode_dataset_nway_sample(val):
     assert (s["query_masks"] == 1).any()
     # at original resolution: query label j on class j, supports 2 on the other episode class
     raw = NoAugTransform()  # unresized: pick episodes whose two supports share a size
-    specs = [sp for sp in TestEpisodeSampler(val, "panet", seed=1, shot=1, ways=2).specs(200)
-             if val.load(sp.supports[0][0])[1].shape == val.load(sp.supports[1][0])[1].shape][:12]
-    ds_raw = EpisodeDataset(val, specs, raw, seed=1)
-    ds_plain = EpisodeDataset(val, specs, raw, seed=1, other_episode_class=None)
+    # (base classes: the tiny images hold several base classes but one novel class at most)
+    specs = [sp for sp in TestEpisodeSampler(train, "panet", seed=1, shot=1, ways=2).specs(300)
+             if train.load(sp.supports[0][0])[1].shape == train.load(sp.supports[1][0])[1].shape][:20]
+    ds_raw = EpisodeDataset(train, specs, raw, seed=1)
+    ds_plain = EpisodeDataset(train, specs, raw, seed=1, other_episode_class=None)
     marked = 0
     for i, spec in enumerate(specs):
         r, p = ds_raw[i], ds_plain[i]
-        _, q_label = val.load(spec.query)
+        _, q_label = train.load(spec.query)
         assert torch.equal(r["query_masks"], torch.from_numpy(episode_label(q_label, spec.class_ids)).long())
         for w, c in enumerate(spec.class_ids):
             other = spec.class_ids[1 - w]
-            _, s_label = val.load(spec.supports[w][0])
+            _, s_label = train.load(spec.supports[w][0])
             expected = binary_mask(s_label, c).astype(np.int64)
             assert torch.equal(p["support_masks"][w, 0], torch.from_numpy(expected))
             expected[s_label == other] = OTHER_EPISODE_CLASS

@@ -91,6 +91,17 @@ def torchvision_resnet50_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def v2_net50() -> ResNetBackbone:
+    """Shared by tests that only read the network (or are refused before it is touched)."""
+    return ResNetBackbone(50, deep_stem=True)
+
+
+@pytest.fixture(scope="module")
+def v2_net101() -> ResNetBackbone:
+    return ResNetBackbone(101, deep_stem=True).eval()
+
+
 # ---------------------------------------------------------------- shapes and layouts
 
 EXPECTED_SIZES = {  # input side -> spatial side of layer0..layer4
@@ -118,14 +129,12 @@ def test_stage_shapes_and_strides(name):
         assert side == math.ceil(size / net.stage_strides[stage])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet101", "resnet101v2"])
-def test_resnet101_light(name):
-    net = build_backbone(name).eval()
+def test_resnet101v2_light(v2_net101):
     with torch.no_grad():
-        out = net(torch.randn(1, 3, 33, 33))
+        out = v2_net101(torch.randn(1, 3, 33, 33))
     assert [o.shape[-1] for o in out.values()] == [9, 9, 5, 5, 5]
-    assert out["layer4"].shape[1] == 2048 and len(net.layer3) == 23
+    assert out["layer4"].shape[1] == 2048 and len(v2_net101.layer3) == 23
+    assert build_backbone("resnet101").stage_channels["layer0"] == 64
 
 
 def test_list_backbones_and_unknown_name():
@@ -152,16 +161,29 @@ def test_resnet_dilation_matches_pfenet_procedure(torchvision_resnet50_file):
         r = ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))
         r = ref.layer4(ref.layer3(ref.layer2(ref.layer1(r))))
         torch.testing.assert_close(net(x)["layer4"], r)
-    # the torchvision rule (replace_stride_with_dilation) differs in the first dilated blocks
-    tv_rule = ResNetBackbone(50, dilation_rule="torchvision")
-    assert tv_rule.layer3[0].conv2.dilation == (1, 1) and tv_rule.layer3[1].conv2.dilation == (2, 2)
-    assert tv_rule.layer4[0].conv2.dilation == (2, 2) and net.layer4[0].conv2.dilation == (4, 4)
+    assert net.layer3[0].conv2.dilation == (2, 2) and net.layer4[0].conv2.dilation == (4, 4)
+
+
+def test_torchvision_dilation_rule_matches_replace_stride_with_dilation(torchvision_resnet50_file):
+    """The knob dilation_rule="torchvision" equals torchvision's own dilated ResNet-50."""
+    state = torch.load(torchvision_resnet50_file, weights_only=True)
+    ref = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+    ref.load_state_dict(state)
+    ref.eval()
+    net = ResNetBackbone(50, dilation_rule="torchvision")
+    load_state_dict_file(net, torchvision_resnet50_file, kind="resnet50")
+    net.eval()
+    assert net.layer3[0].conv2.dilation == (1, 1) and net.layer3[1].conv2.dilation == (2, 2)
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        r = ref.layer4(ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))))))
+        torch.testing.assert_close(net(x)["layer4"], r)
     with pytest.raises(ConfigError, match="dilation_rule"):
         ResNetBackbone(50, dilation_rule="deeplab")
 
 
-def test_v2_stem_layout():
-    net = ResNetBackbone(50, deep_stem=True)
+def test_v2_stem_layout(v2_net50):
+    net = v2_net50
     convs = [m for m in net.layer0 if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
         (3, 64, (3, 3), (2, 2)), (64, 64, (3, 3), (1, 1)), (64, 128, (3, 3), (1, 1))]
@@ -200,10 +222,10 @@ def test_bf16_autocast_forward():
 
 # ------------------------------------------------------- keys against the reference formats
 
-@pytest.mark.parametrize("listing_name,depth", [("resnet50_v2_backbone.txt", 50), ("resnet101_v2_backbone.txt", 101)])
-def test_v2_keys_equal_the_listing(listing_name, depth):
+@pytest.mark.parametrize("listing_name,net", [("resnet50_v2_backbone.txt", "v2_net50"), ("resnet101_v2_backbone.txt", "v2_net101")])
+def test_v2_keys_equal_the_listing(listing_name, net, request):
     rows = {k: s for k, s, _ in listing(listing_name) if not k.startswith("fc.")}
-    assert own_shapes(ResNetBackbone(depth, deep_stem=True)) == rows
+    assert own_shapes(request.getfixturevalue(net)) == rows
 
 
 def test_vgg16bn_keys_equal_the_listing():
@@ -220,12 +242,12 @@ def test_panet_keys_map_onto_vgg16():
 
 
 @pytest.mark.parametrize("listing_name,net", [
-    ("pfenet_resnet50.txt", lambda: ResNetBackbone(50, deep_stem=True)),
-    ("pfenet_vgg16bn.txt", PFENetVGG16BN),
+    ("pfenet_resnet50.txt", lambda request: request.getfixturevalue("v2_net50")),
+    ("pfenet_vgg16bn.txt", lambda request: PFENetVGG16BN()),
 ])
-def test_pfenet_stage_keys_map_onto_backbone(listing_name, net):
+def test_pfenet_stage_keys_map_onto_backbone(listing_name, net, request):
     """PFENet's model keys layer0..layer4.* name exactly the backbone's parameters."""
-    net = net()
+    net = net(request)
     shapes = own_shapes(net)
     rows = [(k.removeprefix("module."), s) for k, s, _ in listing(listing_name)]
     stage_rows = {k: s for k, s in rows if k.split(".")[0] in STAGES}
@@ -309,16 +331,16 @@ def test_vgg16bn_file_refused_by_panet_vgg16(tmp_path):
         build_backbone("vgg16", weights=str(path))
 
 
-def test_torchvision_file_refused_by_v2_and_reverse(torchvision_resnet50_file, resnet50v2_file):
+def test_torchvision_file_refused_by_v2_and_reverse(torchvision_resnet50_file, resnet50v2_file, v2_net50):
     with pytest.raises(CheckpointError, match=r"torchvision ResNet \(7x7 conv1\).*v2 deep-stem ResNet \(3x3 conv1\).*'resnet50'"):
-        build_backbone("resnet50v2", weights=str(torchvision_resnet50_file))
+        load_state_dict_file(v2_net50, torchvision_resnet50_file, kind="resnet50v2")
     with pytest.raises(CheckpointError, match=r"v2 deep-stem ResNet \(3x3 conv1\).*torchvision ResNet \(7x7 conv1\).*'resnet50v2'"):
         build_backbone("resnet50", weights=str(resnet50v2_file))
 
 
-def test_wrong_depth_refused(resnet50v2_file):
+def test_wrong_depth_refused(resnet50v2_file, v2_net101):
     with pytest.raises(CheckpointError, match=r"v2 deep-stem ResNet-50 .*'resnet101v2'.*keys missing \(e\.g\. layer3\.6\."):
-        build_backbone("resnet101v2", weights=str(resnet50v2_file))
+        load_state_dict_file(v2_net101, resnet50v2_file, kind="resnet101v2")
 
 
 def test_misshapen_key_refused(tmp_path):
