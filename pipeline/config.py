@@ -2,9 +2,9 @@
 
 Resolution order for ``fss train --method M --dataset D`` (later wins)::
 
-    dataclass defaults  <  params.yaml ``defaults``  <  ``datasets.D``  <  ``methods.M``
-        <  ``methods.M.datasets.D``  <  CLI options (--backbone, --iterations/--epochs, ...)
-        <  ``--set KEY=VALUE`` (repeatable)
+    dataclass defaults  <  params.yaml ``defaults``  <  ``methods.M`` (paper values)
+        <  ``datasets.D`` (what the dataset imposes)  <  ``methods.M.datasets.D``
+        <  CLI options (--backbone, --iterations/--epochs, ...)  <  ``--set KEY=VALUE``
 
 Every layer uses the same shape as :class:`RunConfig` (sections ``data``, ``optim``,
 ``schedule``, ``train``, ``validation``, ``test``, ``tracking`` and the method's
@@ -501,15 +501,22 @@ def _check_shot(shot: Any) -> int:
 
 
 def layered_values(params: Mapping[str, Any], method: str | None, dataset: str) -> dict[str, Any]:
-    """The merged params layers (defaults < datasets.D < methods.M < methods.M.datasets.D)."""
+    """The merged params layers: defaults < methods.M < datasets.D < methods.M.datasets.D.
+
+    ``methods.M`` holds the paper's values; ``datasets.D`` what the dataset imposes (its
+    root, sizes, and for the synthetic benchmark the scaled-down schedule);
+    ``methods.M.datasets.D`` per-method values for one dataset (e.g. COCO learning rates).
+    """
     merged = _section_of(params, "defaults")
-    merged = deep_merge(merged, _section_of(params, "datasets", dataset))
+    method_layer: dict = {}
+    per_dataset: dict = {}
     if method is not None:
         method_layer = _section_of(params, "methods", method)
         per_dataset = _section_of(method_layer, "datasets", dataset)
         method_layer.pop("datasets", None)
-        merged = deep_merge(merged, method_layer)
-        merged = deep_merge(merged, per_dataset)
+    merged = deep_merge(merged, method_layer)
+    merged = deep_merge(merged, _section_of(params, "datasets", dataset))
+    merged = deep_merge(merged, per_dataset)
     return merged
 
 

@@ -55,14 +55,16 @@ def episode_figure(samples: Sequence[Mapping], path: str | os.PathLike, title: s
     heads = ("support + mask", "query", "ground truth", "prediction")
     for r, s in enumerate(samples):
         panels = (
-            overlay(s["support"], s["support_mask"]),
-            s["query"],
-            overlay(s["query"], s["ground_truth"]),
-            overlay(s["query"], s["prediction"]),
+            (s["support"], s["support_mask"]),
+            (s["query"], None),
+            (s["query"], s["ground_truth"]),
+            (s["query"], s["prediction"]),
         )
-        for c, panel in enumerate(panels):
+        for c, (image, mask) in enumerate(panels):
             ax = axes[r, c]
-            ax.imshow(panel)
+            ax.imshow(image if mask is None else overlay(image, mask))
+            if mask is not None and (mask == 1).any():
+                ax.contour((mask == 1).astype(float), levels=[0.5], colors=["yellow"], linewidths=0.9)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
