@@ -265,5 +265,5 @@ def aggregate_command(
 
     report = aggregate(runs, out)
     console.print(f"[green]aggregated[/green] {report['evaluations']} evaluations -> {out}", highlight=False)
-    console.print((Path(out) / "table_miou.md").read_text(), highlight=False, markup=False)
+    console.print((Path(out) / "table_miou.md").read_text(), highlight=False, markup=False, soft_wrap=True)
     typer.echo(json.dumps(report, sort_keys=True))

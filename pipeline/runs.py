@@ -31,11 +31,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 import yaml
 
 from fss.errors import CheckpointError, ConfigError
-from fss.models.checkpoints import atomic_torch_save, safe_torch_load
 
 from pipeline.config import RunConfig, config_differences, config_from_dict
 
@@ -251,6 +249,8 @@ def _fmt(v: Any) -> Any:
 
 def capture_rng_state() -> dict[str, Any]:
     """Every global RNG as tensors / plain lists (weights_only-loadable)."""
+    import torch
+
     np_state = np.random.get_state()
     py_state = random.getstate()
     state: dict[str, Any] = {
@@ -266,6 +266,8 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     meta = state["numpy_meta"]
     np.random.set_state((meta[0], state["numpy_keys"].numpy().astype(np.uint32), int(meta[1]), int(meta[2]), float(meta[3])))
@@ -291,9 +293,11 @@ class rng_preserved:
 
 
 def save_checkpoint(path: str | os.PathLike, *, config: RunConfig, iteration: int, total_iterations: int,
-                    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler_state: Mapping[str, Any],
+                    model, optimizer, scheduler_state: Mapping[str, Any],
                     best: Mapping[str, Any], window: Mapping[str, Any], elapsed_s: float) -> None:
     """Write the resume state atomically (a temporary file renamed over the old one)."""
+    from fss.models.checkpoints import atomic_torch_save
+
     blob = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -313,6 +317,8 @@ def save_checkpoint(path: str | os.PathLike, *, config: RunConfig, iteration: in
 
 
 def _to_cpu(obj: Any) -> Any:
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
@@ -330,6 +336,8 @@ REQUIRED_KEYS = ("format", "version", "config_json", "iteration", "total_iterati
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read and fully check a resume checkpoint before anything is loaded from it."""
+    from fss.models.checkpoints import safe_torch_load
+
     blob = safe_torch_load(path)  # corrupt / truncated -> CheckpointError
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this project; remove it or choose a new --out.")
@@ -349,7 +357,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return blob
 
 
-def checkpoint_matches_model(blob: Mapping[str, Any], model: torch.nn.Module, path: str | os.PathLike) -> None:
+def checkpoint_matches_model(blob: Mapping[str, Any], model, path: str | os.PathLike) -> None:
     """Refuse a checkpoint whose tensors do not fit the model (before loading anything)."""
     own = model.state_dict()
     saved = blob["model"]

@@ -199,9 +199,11 @@ def train_run(
     stop_after: int | None = None,
     track: TrackFn | None = None,
     say: Callable[[str], None] | None = None,
+    plots_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Train (or resume, or finish) the run in ``out``; returns the run summary.
 
+    ``plots_dir``: where copies of curves.csv and val.csv go at the end (DVC plots).
     ``stop_after`` (testing): checkpoint and return after that many iterations, as if
     the process had been killed right after a checkpoint.
     """
@@ -378,6 +380,11 @@ def train_run(
     if start >= total:
         say(f"{out} was already trained ({total} iterations); writing its final files.")
     summary = _finish(config, run, model, best, total, per_epoch, elapsed(), deterministic, device)
+    if not run.file(R.VAL_FILE).is_file():  # no validation: an empty table, so the file always exists
+        R.atomic_write_text(run.file(R.VAL_FILE), "iteration,epoch,val_miou,val_fb_iou,val_episodes\n")
+    if plots_dir is not None:
+        for name in (R.CURVES_FILE, R.VAL_FILE):
+            R.atomic_write_text(Path(plots_dir) / name, run.file(name).read_text())
     tracker.summary({"final/" + k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     tracker.finish()
     return summary
@@ -462,6 +469,7 @@ def train_command(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default from params.yaml: auto)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE override, repeatable (optim.lr=0.01, knobs.lam=0.3, lam=0.3)."),
     params: Optional[Path] = typer.Option(None, help="Params file (default ./params.yaml, else the repository's)."),
+    plots_dir: Optional[Path] = typer.Option(None, help="Also copy curves.csv and val.csv here at the end (DVC plots)."),
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="Testing: checkpoint and stop after N iterations."),
 ) -> None:
     """Train METHOD on one fold; the resolved config is saved in OUT and printed."""
@@ -475,6 +483,6 @@ def train_command(
     )
     console.print(f"[bold]train[/bold] {config.group} fold {config.fold} -> {out}", highlight=False)
     console.print(config.to_yaml().rstrip(), highlight=False, markup=False)
-    summary = train_run(config, out, stop_after=stop_after, track=track,
+    summary = train_run(config, out, stop_after=stop_after, track=track, plots_dir=plots_dir,
                         say=lambda m: console.print(m, highlight=False, markup=False))
     typer.echo(json.dumps(summary, sort_keys=True, default=str))

@@ -62,6 +62,12 @@ multi-scale inference rescales the query only (the supports define the class) an
 the softmax probabilities of the scales (the returned logits are their log); Table 3 measures
 "without CCM" on the auxiliary branch of the full model (``infer_branch="aux"``).
 With ResNet-50 the defaults give about 19.4M parameters (paper: 19.3M).
+
+**Ablations as knobs.** Table 3 rows: ``pim=False, msf=False, ccm=False``; ``msf=False,
+ccm=False``; ``ccm=False`` (the paper measures this row on the auxiliary branch of the full
+model: ``infer_branch="aux"``); defaults. Table 4: ``pseudo_prototype`` none / global /
+cosine / ccm. Table 5: ``lambda1`` x ``lambda2`` over {0, 0.5, 1.0, 1.2}. Fig. 5:
+``beta_test`` 0..0.8 on one trained model (``beta_train`` stays 0.5). Table 6: ``multiscale``.
 """
 
 from __future__ import annotations
@@ -493,12 +499,14 @@ class DPNet(FSSModel):
         return (probs / len(self.multiscale_scales)).clamp_min(1e-12).log()
 
 
-@register_method("dpnet_canet", base="canet", knobs=DPNET_KNOBS, backbones=DPNET_BACKBONES)
+@register_method("dpnet_canet", base="canet", knobs=DPNET_KNOBS, backbones=DPNET_BACKBONES,
+                 help="DPNet (CCM + PIM + MSF dual prototypes), compared with CANet (Table 1, CANet metric)")
 class DPNetCANet(DPNet):
     """DPNet (dual prototypes: CCM + PIM + MSF) compared with CANet (Table 1, CANet metric)."""
 
 
-@register_method("dpnet_pfenet", base="pfenet", knobs=DPNET_KNOBS, backbones=DPNET_BACKBONES)
+@register_method("dpnet_pfenet", base="pfenet", knobs=DPNET_KNOBS, backbones=DPNET_BACKBONES,
+                 help="DPNet, compared with PFENet: the dpnet_canet network, scored with PFENet's metric")
 class DPNetPFENet(DPNet):
     """DPNet (dual prototypes: CCM + PIM + MSF) compared with PFENet; same network as
     dpnet_canet (see the module docstring), scored with PFENet's metric (ignore 255)."""

@@ -399,6 +399,12 @@ def build_from_reference(
         raise CheckpointError(f"{path} is not a {expected} checkpoint: it looks like {looks_like}.")
     backbone = infer_pfenet_backbone(state, path)
     bins = list(parse_pyramid_bins(pyramid_bins if pyramid_bins is not None else PASCAL_BINS))
+    stored = len({k.split(".")[1] for k in state if k.startswith("init_merge.")})
+    if stored != len(bins):
+        raise CheckpointError(
+            f"{path} was trained with {stored} pyramid bins but pyramid_bins={bins} has {len(bins)}; "
+            f"pass the bins it was trained with (PASCAL {PASCAL_BINS}, COCO {COCO_BINS})."
+        )
     model = create_model(method, backbone=backbone, shot=shot, pyramid_bins=bins, **knobs)
     mapped = map_reference_keys(state, model)
     counts = load_strict(model, mapped, str(path))

@@ -246,3 +246,5 @@ def test_import_refuses_missing_and_mismatched_keys(tmp_path):
     assert state  # the listing produced a full file before the key was removed
     with pytest.raises(CheckpointError):
         import_checkpoint("pfenet", tmp_path / "absent.pth")
+    with pytest.raises(CheckpointError, match="4 pyramid bins"):
+        import_checkpoint("pfenet", path, pyramid_bins=[1.0, 0.5])
