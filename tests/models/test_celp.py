@@ -1,6 +1,7 @@
 """CELP: LPS + contrastive enhancement on PFENet, K-shot voting, knobs, importer."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from fss.models import create_model
 from fss.models.celp import CELP
 from fss.models.checkpoints import import_checkpoint
 
-SPEC = "/work/shared/spec/checkpoints"
+#: key<TAB>shape<TAB>dtype listings of the released checkpoints (copies of spec/checkpoints)
+SPEC = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoint_keys"
 TINY = dict(pyramid_bins=[6, 3, 1.0], reduce_dim=16)
 
 

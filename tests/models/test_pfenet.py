@@ -1,6 +1,7 @@
 """PFENet: training/inference forwards, K-shot averaging, knobs, frozen backbone, importer."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from fss.models.blocks import resize_bilinear
 from fss.models.checkpoints import import_checkpoint
 from fss.models.pfenet import PFENet, bin_side, parse_pyramid_bins
 
-SPEC = "/work/shared/spec/checkpoints"
+#: key<TAB>shape<TAB>dtype listings of the released checkpoints (copies of spec/checkpoints)
+SPEC = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoint_keys"
 TINY = dict(pyramid_bins=[6, 3, 1.0], reduce_dim=16)
 
 
