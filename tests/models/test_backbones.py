@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import CHECKPOINT_KEYS
 import torchvision
 from torch import nn
 
@@ -25,21 +27,9 @@ from fss.models.backbones.weights import load_state_dict_file
 
 STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
 REPO = Path(__file__).resolve().parents[2]
-_LISTING_DIRS = [
-    Path(os.environ.get("FSS_SPEC_DIR", REPO / "spec")) / "checkpoints",
-    REPO / "docs" / "spec" / "checkpoints",
-    Path("/work/shared/spec/checkpoints"),
-]
+_LISTING_DIRS = [CHECKPOINT_KEYS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny inputs: one intra-op thread is far faster than two busy-waiting ones on a
-    loaded 2-core machine (a ResNet forward 0.1 s instead of seconds)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def listing(name: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -53,7 +43,7 @@ def listing(name: str) -> list[tuple[str, tuple[int, ...], str]]:
                     dims = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
                     rows.append((key, dims, dtype))
             return rows
-    pytest.skip(f"key listing {name} not found (looked in {', '.join(map(str, _LISTING_DIRS))})")
+    pytest.fail(f"key listing {name} not found (looked in {', '.join(map(str, _LISTING_DIRS))})")
 
 
 def synthetic_state_dict(rows, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -12,13 +12,6 @@ from fss.models.canet import CANET_MAP_EPS
 H = W = 33
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny inputs: one intra-op thread beats two busy-waiting ones on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _episode(b=2, shot=1, seed=0, size=H):

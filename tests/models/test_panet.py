@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import CHECKPOINT_KEYS
 import torch.nn.functional as F
 
 from fss.errors import CheckpointError, ConfigError
@@ -21,21 +23,10 @@ from fss.models.panet import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-LISTING_DIRS = [
-    Path(os.environ.get("FSS_SPEC_DIR", REPO / "spec")) / "checkpoints",
-    REPO / "docs" / "spec" / "checkpoints",
-    Path("/work/shared/spec/checkpoints"),
-]
+LISTING_DIRS = [CHECKPOINT_KEYS]
 H = W = 41
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny inputs: one intra-op thread beats two busy-waiting ones on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _episode(b=2, ways=1, shot=1, seed=0, size=H):
@@ -251,7 +242,7 @@ def _listing(name):
                     key, shape, dtype = line.split("\t")
                     rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype))
             return rows
-    pytest.skip(f"key listing {name} not found (looked in {', '.join(map(str, LISTING_DIRS))})")
+    pytest.fail(f"key listing {name} not found (looked in {', '.join(map(str, LISTING_DIRS))})")
 
 
 def _synthetic(name, prefix="", limit=None):
