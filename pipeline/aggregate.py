@@ -10,8 +10,9 @@ fractions). From it, with pandas:
 * ``chart_miou.png``: mean mIoU per method and setting.
 * ``summary.json``: mean mIoU / FB-IoU per method and setting (DVC metrics).
 
-One table per (dataset, backbone, protocol); rows are methods, suffixed with the training
-shot when a model was not trained 1-shot.
+One table per (dataset, backbone, protocol); rows are methods, suffixed with "(imported)"
+for released checkpoints evaluated with ``--model`` and with the training shot when a model
+was not trained 1-shot.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fss.errors import ConfigError
 
 RESULT_COLUMNS = [
     "method", "dataset", "backbone", "shot", "fold", "miou", "fb_iou", "miou_std", "fb_iou_std",
-    "episodes", "runs", "protocol", "train_shot", "selection", "source",
+    "episodes", "runs", "protocol", "train_shot", "selection", "variant", "source",
 ]
 FOLDS = (0, 1, 2, 3)
 
@@ -64,15 +65,17 @@ def collect_results(files: Iterable[Path]):
                 "fb_iou_std": d.get("fb_iou_std", math.nan), "episodes": int(d["episodes"]),
                 "runs": int(d.get("num_runs", 1)), "protocol": d["protocol"],
                 "train_shot": d.get("train_shot") if d.get("train_shot") is not None else math.nan,
-                "selection": d.get("checkpoint_selection", ""), "source": str(f),
+                "selection": d.get("checkpoint_selection", ""),
+                "variant": "imported" if d.get("checkpoint_selection") == "imported" else "trained",
+                "source": str(f),
             })
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"evaluation file {f} lacks or mangles {exc}; re-run 'fss evaluate'.") from None
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     if df.empty:
         return df
-    df = df.sort_values(["dataset", "backbone", "protocol", "method", "train_shot", "shot", "fold"], kind="stable")
-    key = ["dataset", "backbone", "protocol", "method", "train_shot", "shot", "fold"]
+    key = ["dataset", "backbone", "protocol", "method", "variant", "train_shot", "shot", "fold"]
+    df = df.sort_values(key, kind="stable")
     dup = df[df.duplicated(key, keep=False)]
     if not dup.empty:
         first = dup.iloc[0]
@@ -84,17 +87,18 @@ def collect_results(files: Iterable[Path]):
     return df.reset_index(drop=True)
 
 
-def _row_label(method: str, train_shot) -> str:
+def _row_label(method: str, train_shot, variant: str = "trained") -> str:
+    label = method if variant == "trained" else f"{method} ({variant})"
     if train_shot is None or (isinstance(train_shot, float) and math.isnan(train_shot)) or int(train_shot) == 1:
-        return method
-    return f"{method} (trained {int(train_shot)}-shot)"
+        return label
+    return f"{label} (trained {int(train_shot)}-shot)"
 
 
 def miou_table(df):
     """Rows = methods; columns (setting, Fold-0..3 | Mean), mIoU in %."""
     import pandas as pd
 
-    d = df.assign(row=[_row_label(m, t) for m, t in zip(df["method"], df["train_shot"])],
+    d = df.assign(row=[_row_label(m, t, v) for m, t, v in zip(df["method"], df["train_shot"], df["variant"])],
                   setting=[f"{s}-shot" for s in df["shot"]], value=100 * df["miou"])
     wide = d.pivot_table(index="row", columns=["setting", "fold"], values="value", aggfunc="first")
     settings = sorted(d["setting"].unique(), key=lambda s: int(s.split("-")[0]))
@@ -112,7 +116,7 @@ def miou_table(df):
 
 def fbiou_table(df):
     """Rows = methods; one column per setting: FB-IoU (%) averaged over the folds present."""
-    d = df.assign(row=[_row_label(m, t) for m, t in zip(df["method"], df["train_shot"])],
+    d = df.assign(row=[_row_label(m, t, v) for m, t, v in zip(df["method"], df["train_shot"], df["variant"])],
                   setting=[f"{s}-shot" for s in df["shot"]], value=100 * df["fb_iou"])
     table = d.pivot_table(index="row", columns="setting", values="value", aggfunc="mean")
     table = table[sorted(table.columns, key=lambda s: int(s.split("-")[0]))]
@@ -264,6 +268,6 @@ def aggregate_command(
     from pipeline.console import console
 
     report = aggregate(runs, out)
-    console.print(f"[green]aggregated[/green] {report['evaluations']} evaluations -> {out}", highlight=False)
+    console.print(f"[green]aggregated[/green] {report['evaluations']} evaluations -> {out}", highlight=False, soft_wrap=True)
     console.print((Path(out) / "table_miou.md").read_text(), highlight=False, markup=False, soft_wrap=True)
     typer.echo(json.dumps(report, sort_keys=True))

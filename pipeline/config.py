@@ -58,6 +58,7 @@ class DataConfig:
     sampling: str = _opt("pfenet", "training episode sampling: pfenet (walk the list) or panet (class uniform, N-way)", choices=("pfenet", "panet"))
     episodes_per_epoch: int | None = _opt(None, "panet sampling only: episodes per epoch (null = list length)", low=1)
     num_workers: int = _opt(0, "DataLoader worker processes (0 = load in the main process)", low=0, high=64)
+    cache_images: bool = _opt(False, "keep decoded images and masks in memory (small datasets: the synthetic benchmark)")
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ SECTIONS: dict[str, type] = {
 OPERATIONAL_KEYS = (
     "train.device",
     "data.num_workers",
+    "data.cache_images",
     "train.checkpoint_minutes",
     "train.checkpoint_every",
     "train.log_every",

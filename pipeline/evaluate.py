@@ -351,7 +351,6 @@ def evaluate_command(
     import json
 
     from fss.data.classes import check_dataset, check_fold
-    from fss.data.prepared import PreparedDataset
     from pipeline import runs as R
     from pipeline.config import (
         build_section,
@@ -361,8 +360,9 @@ def evaluate_command(
         tracking_defaults,
     )
     from pipeline.console import console, track
+    from pipeline.train import open_prepared
 
-    say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731
+    say = lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     if (run is None) == (model is None):
         raise ConfigError("give either --run RUN_DIR or --model FILE (with --dataset, --root and --fold).")
     for k in shot:
@@ -394,6 +394,7 @@ def evaluate_command(
         workers = config.data.num_workers if num_workers is None else num_workers
         precision = config.train.precision
         group_shot = config.shot
+        cache = config.data.cache_images
     else:
         if dataset is None or root is None or fold is None:
             raise ConfigError("--model needs --dataset, --root and --fold.")
@@ -406,6 +407,7 @@ def evaluate_command(
         workers = num_workers or 0
         precision = "fp32"
         group_shot = None
+        cache = False
         rd = None
     if wandb is not None:
         tracking = dataclasses.replace(tracking, wandb=wandb)
@@ -415,9 +417,7 @@ def evaluate_command(
         name, ds_name, episodes=episodes if episodes is not None else test_cfg.episodes,
         size=size if size is not None else test_cfg.size, runs=runs if runs is not None else test_cfg.runs, seed=seed,
     )
-    data = PreparedDataset(root_, fold_, "val", conv)
-    if data.dataset != ds_name:
-        raise ConfigError(f"{root_} holds the {data.dataset} dataset, not {ds_name}; pass the right --root.")
+    data = open_prepared(root_, fold_, "val", conv, dataset=ds_name, cache=cache)
     if len(shot) > 1 and out is not None and "{shot}" not in str(out):
         raise ConfigError(f"--out {out} must contain {{shot}} when several --shot values are given.")
     bs = batch_size or test_cfg.batch_size
@@ -436,7 +436,7 @@ def evaluate_command(
             f"[green]{report['method']}[/green] fold {fold_} {k}-shot ({name}, {report['episodes']} episodes"
             f"{', %d runs' % report['num_runs'] if report['num_runs'] > 1 else ''}): "
             f"mIoU {100 * report['miou']:.2f}  FB-IoU {100 * report['fb_iou']:.2f} -> {out_k}",
-            highlight=False,
+            highlight=False, soft_wrap=True,
         )
         reports.append({k2: v for k2, v in report.items() if k2 in (
             "method", "dataset", "fold", "shot", "miou", "fb_iou", "miou_std", "episodes", "protocol", "checkpoint")})

@@ -55,7 +55,7 @@ def load_split_tensors(data, base_classes: list[int], size: int, track: Callable
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for i in indices:
         image, mask = data.load(i)
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None] / 255.0
+        img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 255.0
         img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)[0]
         lab = torch.from_numpy(lut[mask])[None, None].float()
         lab = F.interpolate(lab, size=(size, size), mode="nearest")[0, 0].long()
@@ -239,6 +239,6 @@ def pretrain_command(
                                dataset=dataset, track=track, **section)
     console.print(
         f"[green]pretrained[/green] {backbone} fold {fold}: loss {report['final_loss']:.3f}, "
-        f"base mIoU (train) {100 * report['train_base_miou']:.1f} -> {out}", highlight=False,
+        f"base mIoU (train) {100 * report['train_base_miou']:.1f} -> {out}", highlight=False, soft_wrap=True,
     )
     typer.echo(json.dumps(report, sort_keys=True))

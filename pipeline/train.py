@@ -82,17 +82,46 @@ def make_optimizer(config: RunConfig, model):
 # ---------------------------------------------------------------- data
 
 
-def open_split(config: RunConfig, split: str):
-    """The fold's prepared list (``train``: base classes, ``val``: novel classes)."""
+def open_prepared(root, fold: int, split: str, convention: str | None = None, *, dataset: str | None = None,
+                  cache: bool = False):
+    """A fold's prepared list (``train``: base classes, ``val``: novel classes).
+
+    ``cache``: decoded images and masks are kept in memory (each DataLoader worker keeps
+    its own copy), for small datasets such as the synthetic benchmark.
+    """
     from fss.data.prepared import PreparedDataset
 
-    data = PreparedDataset(config.data.root, config.fold, split, config.data.convention)
-    if data.dataset != config.dataset:
+    cls = _cached_dataset_class() if cache else PreparedDataset
+    data = cls(root, fold, split, convention)
+    if dataset is not None and data.dataset != dataset:
         raise DataError(
-            f"{config.data.root} holds the {data.dataset} dataset, not {config.dataset}; "
-            f"point data.root at a prepared {config.dataset} directory."
+            f"{root} holds the {data.dataset} dataset, not {dataset}; point data.root at a prepared {dataset} directory."
         )
     return data
+
+
+def _cached_dataset_class():
+    from fss.data.prepared import PreparedDataset
+
+    class CachedPreparedDataset(PreparedDataset):
+        """PreparedDataset whose ``load`` remembers what it decoded."""
+
+        def load(self, i: int):
+            cache = self.__dict__.setdefault("_loaded", {})
+            if i not in cache:
+                image, mask = super().load(i)
+                image.setflags(write=False)  # shared between episodes: never modified in place
+                mask.setflags(write=False)
+                cache[i] = (image, mask)
+            return cache[i]
+
+    return CachedPreparedDataset
+
+
+def open_split(config: RunConfig, split: str):
+    """The run's fold list ``split`` (checked to hold the run's dataset)."""
+    return open_prepared(config.data.root, config.fold, split, config.data.convention, dataset=config.dataset,
+                         cache=config.data.cache_images)
 
 
 def training_ways(config: RunConfig) -> int:
@@ -239,6 +268,8 @@ def train_run(
     seed_everything(config.train.seed)
     model = build_model(config).to(device)
     optimizer = make_optimizer(config, model)
+    say(f"train {config.group} fold {config.fold}: {total} iterations ({per_epoch} per epoch) on {device} -> {out}")
+    say(config.to_yaml().rstrip())
 
     curves = R.CsvLog(run.file(R.CURVES_FILE), ("iteration", "epoch", "lr"))
     val_log = R.CsvLog(run.file(R.VAL_FILE), ("iteration", "epoch"))
@@ -375,7 +406,8 @@ def train_run(
         run.log(stop_reason)
         tracker.finish(exit_code=1)
         say(f"{stop_reason}; rerun the same command to resume.")
-        return {"status": "stopped", "iteration": done, "total_iterations": total}
+        return {"status": "stopped", "iteration": done, "total_iterations": total,
+                "signal": stop.signal}
 
     if start >= total:
         say(f"{out} was already trained ({total} iterations); writing its final files.")
@@ -481,8 +513,8 @@ def train_command(
         method=method, dataset=dataset, fold=fold, shot=shot, backbone=backbone, iterations=iterations,
         epochs=epochs, device=device, set_values=set_, params_path=params,
     )
-    console.print(f"[bold]train[/bold] {config.group} fold {config.fold} -> {out}", highlight=False)
-    console.print(config.to_yaml().rstrip(), highlight=False, markup=False)
     summary = train_run(config, out, stop_after=stop_after, track=track, plots_dir=plots_dir,
-                        say=lambda m: console.print(m, highlight=False, markup=False))
+                        say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
     typer.echo(json.dumps(summary, sort_keys=True, default=str))
+    if summary.get("status") == "stopped" and summary.get("signal") is not None:
+        raise typer.Exit(130)  # interrupted: never report success (DVC must not record the outputs)

@@ -10,10 +10,6 @@ import pytest
 
 from pipeline.config import REPO_PARAMS
 
-#: the console script of this environment
-FSS = str(Path(sys.executable).parent / "fss")
-
-
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """The real synthetic generator, tiny: 48 px images, 60 train / 80 val (5-shot works)."""
@@ -22,53 +18,6 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "data"
     prepare_synthetic(root, seed=0, size=48, train_images=60, val_images=80)
     return root
-
-
-def tiny_sets(root: Path, **extra) -> list[str]:
-    """--set overrides that make a pfenet run take a second or two on a CPU."""
-    values = {
-        "data.root": str(root),
-        "data.train_size": 33,
-        "train.batch_size": 2,
-        "train.log_every": 1,
-        "train.checkpoint_minutes": 0,
-        "validation.every": 2,
-        "validation.episodes": 4,
-        "test.size": 33,
-        "test.episodes": 6,
-        "test.batch_size": 3,
-        "test.figure_episodes": 2,
-        "knobs.reduce_dim": 16,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def run_fss(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run the `fss` entry point in-process (main() with its one-line error handling)."""
-    from pipeline.cli import main
-
-    old = sys.argv
-    sys.argv = ["fss", *map(str, args)]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture

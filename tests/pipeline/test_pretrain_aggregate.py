@@ -1,0 +1,106 @@
+"""Per-fold base-class pretraining of the small backbone, and the results tables."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fss.data.prepared import PreparedDataset
+from fss.errors import ConfigError
+from pipeline.aggregate import aggregate, collect_results, find_evaluations, miou_table
+from pipeline.pretrain import load_split_tensors, pretrain_backbone
+
+
+def test_pretraining_labels_never_show_a_novel_class(synthetic_root):
+    data = PreparedDataset(synthetic_root, 2, "train")
+    base = list(data.base_classes)
+    images, labels = load_split_tensors(data, base, size=33)
+    assert images.shape == (len(data), 3, 33, 33) and labels.shape == (len(data), 33, 33)
+    assert set(torch.unique(labels).tolist()) <= set(range(16)) | {255}
+    # pixels of the fold's novel classes (11..15) are background (0), base class c -> index
+    image, mask = data.load(0)
+    raw = torch.from_numpy(mask.astype(np.int64))[None, None].float()
+    small = torch.nn.functional.interpolate(raw, size=(33, 33), mode="nearest")[0, 0].long()
+    for c in data.novel_classes:
+        assert bool((labels[0][small == c] == 0).all())
+    for i, c in enumerate(base):
+        assert bool((labels[0][small == c] == i + 1).all())
+
+
+def test_pretrain_writes_a_loadable_backbone(synthetic_root, tmp_path):
+    from fss.models.backbones import build_backbone
+
+    out = tmp_path / "small-fold1.pt"
+    report = pretrain_backbone(synthetic_root, 1, out, epochs=1, batch_size=8, size=33, device="cpu",
+                               dataset="synthetic")
+    assert report["base_classes"] == [c for c in range(1, 21) if not 6 <= c <= 10]
+    assert report["novel_classes_seen_as_background"] == [6, 7, 8, 9, 10]
+    assert math.isfinite(report["final_loss"]) and 0.0 <= report["train_pixel_accuracy"] <= 1.0
+    net = build_backbone("small", weights=str(out))
+    saved = torch.load(out, weights_only=True)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
+    assert json.loads(out.with_suffix(".json").read_text())["fold"] == 1
+    with pytest.raises(ConfigError, match="holds the synthetic dataset, not pascal"):
+        pretrain_backbone(synthetic_root, 1, out, epochs=1, dataset="pascal")
+
+
+def _evaluation(method, fold, shot, miou, fb=0.5, **extra) -> dict:
+    """An evaluation file as `fss evaluate` writes it (the keys aggregate reads)."""
+    return {"kind": "fss-evaluation", "version": 1, "method": method, "dataset": "synthetic", "backbone": "small",
+            "fold": fold, "shot": shot, "train_shot": 1, "miou": miou, "fb_iou": fb, "episodes": 400,
+            "num_runs": 1, "protocol": "pfenet", "checkpoint_selection": "last", **extra}
+
+
+def _write_grid(root, rows):
+    for i, d in enumerate(rows):
+        p = root / d["method"] / f"{i}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(d))
+
+
+def test_tables_follow_the_papers_layout(tmp_path):
+    rows = [_evaluation(m, f, s, miou=0.1 * (f + 1) + (0.05 if s == 5 else 0) + (0.2 if m == "apanet" else 0),
+                        fb=0.6 + 0.01 * f)
+            for m in ("apanet", "pfenet") for f in range(4) for s in (1, 5)]
+    rows.append(_evaluation("panet", 0, 1, 0.3, miou_std=0.02, fb_iou_std=0.01, num_runs=5, protocol="pfenet"))
+    _write_grid(tmp_path / "evals", rows)
+    (tmp_path / "evals" / "notes.json").write_text('{"kind": "something else"}')
+    report = aggregate(tmp_path / "evals", tmp_path / "results")
+    assert report["evaluations"] == len(rows)
+    res = pd.read_csv(tmp_path / "results" / "results.csv")
+    assert list(res.columns[:9]) == ["method", "dataset", "backbone", "shot", "fold", "miou", "fb_iou", "miou_std", "fb_iou_std"]
+    assert {"episodes", "protocol"} <= set(res.columns) and len(res) == len(rows)
+    assert res.loc[res["method"] == "panet", "miou_std"].item() == pytest.approx(0.02)
+
+    table = pd.read_csv(tmp_path / "results" / "table_miou.csv").set_index("Method")
+    assert table.loc["apanet", "1-shot Fold-0"] == pytest.approx(30.0)
+    assert table.loc["apanet", "1-shot Mean"] == pytest.approx(100 * np.mean([0.3, 0.4, 0.5, 0.6]))
+    assert table.loc["pfenet", "5-shot Mean"] == pytest.approx(100 * np.mean([0.15, 0.25, 0.35, 0.45]))
+    assert math.isnan(table.loc["panet", "1-shot Fold-1"]) and table.loc["panet", "1-shot Mean"] == pytest.approx(30.0)
+    fb = pd.read_csv(tmp_path / "results" / "table_fbiou.csv").set_index("Method")
+    assert fb.loc["pfenet", "1-shot"] == pytest.approx(100 * np.mean([0.60, 0.61, 0.62, 0.63]))
+
+    md = (tmp_path / "results" / "table_miou.md").read_text()
+    assert "| apanet | **30.0** | **40.0** | **50.0** | **60.0** | **45.0** |" in md
+    assert "| panet | 30.0 | – | – | – | 30.0 |" in md
+    tex = (tmp_path / "results" / "table_miou.tex").read_text()
+    assert r"\multicolumn{5}{c}{1-shot} & \multicolumn{5}{c}{5-shot}" in tex and r"\textbf{45.0}" in tex
+    assert (tmp_path / "results" / "chart_miou.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert summary["synthetic/small/pfenet/apanet/1-shot"]["miou"] == pytest.approx(45.0)
+
+
+def test_aggregate_refuses_duplicates_and_empty_dirs(tmp_path):
+    _write_grid(tmp_path / "evals", [_evaluation("pfenet", 0, 1, 0.3), _evaluation("pfenet", 0, 1, 0.4)])
+    with pytest.raises(ConfigError, match="several evaluations of pfenet fold 0 1-shot"):
+        collect_results(find_evaluations(tmp_path / "evals"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no evaluation JSON"):
+        aggregate(tmp_path / "empty", tmp_path / "out")
+    table = miou_table(collect_results(find_evaluations(tmp_path / "evals" / "pfenet" / "0.json")))
+    assert table.loc["pfenet", ("1-shot", "Fold-0")] == pytest.approx(30.0)

@@ -1,0 +1,89 @@
+"""W&B tracking: offline runs are written; failures never stop a run; disabled is a no-op."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import REPO_PARAMS, resolve_run_config
+from pipeline.tracking import Tracker, wandb_mode
+from pipeline.train import train_run
+
+from pipeline_helpers import tiny_sets
+
+
+def test_mode_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert wandb_mode() == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wandb_mode() == "offline"  # no credentials -> offline, never online
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode() == "online"
+
+
+def test_disabled_tracker_is_a_no_op():
+    t = Tracker(enabled=False, project="p", group="g", job_type="train", name="n")
+    assert not t.active
+    t.log({"a": 1}, step=1)
+    t.summary({"b": 2})
+    t.images("x", [{"image": None, "prediction": None, "ground_truth": None}])
+    t.finish()
+
+
+def test_a_failing_wandb_never_stops_the_run(monkeypatch):
+    import wandb
+
+    def broken_init(**kwargs):
+        raise RuntimeError("network unreachable")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", broken_init)
+    warnings = []
+    t = Tracker(enabled=True, project="p", group="g", job_type="train", name="n", warn=warnings.append)
+    assert not t.active and len(warnings) == 1 and "network unreachable" in warnings[0]
+    t.log({"a": 1})
+    t.finish()
+
+
+@pytest.mark.slow
+def test_offline_train_and_evaluate_write_wandb_runs(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = resolve_run_config(method="pfenet", dataset="synthetic", fold=1, shot=1, iterations=2, device="cpu",
+                                set_values=tiny_sets(synthetic_root, **{"tracking.wandb": True}), params_path=REPO_PARAMS)
+    out = tmp_path / "run"
+    train_run(config, out)
+    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].name.endswith(run_id)
+    logs = list(runs[0].glob("*.wandb"))
+    assert len(logs) == 1, "the offline run holds no .wandb log"
+    data = logs[0].read_bytes()  # protobuf records: keys are stored as plain strings
+    for key in (b"train/loss", b"train/lr", b"val/miou", b"final/iterations", b"pfenet-synthetic-small-1shot"):
+        assert key in data, key
+
+    from pipeline.evaluate import evaluate_one, make_protocol
+    from pipeline.train import open_split
+
+    import torch
+
+    report = evaluate_one(
+        model_path=out / "model.pt", selection="last", method_meta=None, data=open_split(config, "val"),
+        dataset="synthetic", fold=1, shot=1, protocol=make_protocol("pfenet", "synthetic", episodes=4, size=33),
+        device=torch.device("cpu"), batch_size=2, num_workers=0, precision="fp32", ways=1,
+        out=tmp_path / "eval.json", figure=None, figure_episodes=0, tracking=config.tracking, run_dir=out,
+        group_shot=1,
+    )
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    newest = next(r for r in runs if not r.name.endswith(run_id))
+    data = next(newest.glob("*.wandb")).read_bytes()
+    for key in (b"miou", b"fb_iou", b"class_iou/6", b"predictions", b"evaluate", b"fold1-1shot"):
+        assert key in data, key
+    assert any(newest.rglob("*.png")), "the sample predictions were not logged as images"
+    assert 0.0 <= report["miou"] <= 1.0
