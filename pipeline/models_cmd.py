@@ -47,14 +47,20 @@ def import_(
     format: ImportFormat = typer.Option(..., "--format", help="Which reference implementation saved FILE."),
     out: Path = typer.Option(..., help="Where to write the model file of this project (.pt)."),
     shot: int = typer.Option(1, help="Shots the imported model will be evaluated with by default."),
-    dataset: Optional[str] = typer.Option(None, help="pascal or coco: chooses PFENet's pyramid bins where the file cannot tell."),
+    dataset: Optional[str] = typer.Option(None, help="pascal or coco: chooses PFENet's pyramid bins (absolute [60,30,15,8] or COCO's fractions) for pfenet/celp files."),
 ) -> None:
     """Load a released PFENet, CELP or PANet checkpoint into this project's model and save it."""
     from fss.models.checkpoints import import_checkpoint, save_model_file
 
-    options = {"shot": shot}
+    from fss.errors import ConfigError
+
+    options: dict = {"shot": shot}
     if dataset is not None:
-        options["dataset"] = dataset
+        if format is ImportFormat.panet:
+            raise ConfigError("--dataset only applies to pfenet and celp files (it sets PFENet's pyramid bins).")
+        if dataset not in ("pascal", "coco"):
+            raise ConfigError(f"unknown dataset {dataset!r} for --dataset; choose one of: pascal, coco.")
+        options["pyramid_bins"] = dataset  # the importers' named presets
     model, report = import_checkpoint(format.value, file, **options)
     save_model_file(
         out, model, method=report["method"], backbone=report["backbone"], shot=shot,

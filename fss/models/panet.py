@@ -278,7 +278,10 @@ def import_panet_checkpoint(path, shot: int = 1, **knobs):
         if all(PANET_KEY.match(k) for k in stripped):
             model = create_model("panet", backbone="vgg16", shot=shot, **knobs)
             report = load_strict(model, panet_model_state(blob), str(path))
-            report.update({"format": "panet", "source": str(Path(path)), "keys": len(stripped)})
+            report.update({
+                "format": "panet", "method": "panet", "backbone": "vgg16", "shot": shot,
+                "knobs": dict(knobs), "source": str(Path(path)), "keys": len(stripped),
+            })
             return model, report
     raise CheckpointError(
         f"{path} looks like {_guess_format(blob)}, not a PANet checkpoint (a plain state dict of "

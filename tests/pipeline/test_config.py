@@ -129,7 +129,9 @@ def test_repo_params_cover_every_registered_method(repo_params):
     assert set(methods) <= set(params["methods"])
     for m in methods:
         syn = resolve_run_config(method=m, dataset="synthetic", fold=0, shot=1, params_path=repo_params)
-        assert syn.train.iterations and syn.data.train_size == 65 and syn.test.size == 65
+        synthetic = params["datasets"]["synthetic"]
+        assert syn.train.iterations == synthetic["train"]["iterations"]
+        assert syn.data.train_size == synthetic["data"]["train_size"] == syn.test.size
         for ds in ("pascal", "coco"):
             real = resolve_run_config(method=m, dataset=ds, fold=0, shot=1, params_path=repo_params)
             assert real.optim.lr <= 0.005 and real.data.train_size in (None, 321, 641)
