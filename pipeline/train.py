@@ -434,7 +434,12 @@ def _finish(config: RunConfig, run, model, best, total, per_epoch, elapsed_s, de
         selected = "best"
     source = run.file(R.MODEL_BEST if selected == "best" else R.MODEL_LAST)
     tmp = run.file(".model.pt.tmp")
-    shutil.copyfile(source, tmp)
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(source, tmp)  # a hard link: the selected weights are not stored twice
+    except OSError:
+        shutil.copyfile(source, tmp)
     os.replace(tmp, run.file(R.MODEL_SELECTED))
     summary = {
         "kind": "fss-train-summary",
