@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pipeline.config import REPO_PARAMS, resolve_run_config
@@ -49,6 +51,19 @@ def test_a_failing_wandb_never_stops_the_run(monkeypatch):
     t.finish()
 
 
+def _wait_for_records(path, keys, timeout=30.0):
+    """The .wandb log holds protobuf records (keys as plain strings); the W&B service may
+    still be flushing it when finish() returns, so poll for a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        data = path.read_bytes()
+        missing = [k for k in keys if k not in data]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not missing, (missing, len(data))
+
+
 @pytest.mark.slow
 def test_offline_train_and_evaluate_write_wandb_runs(synthetic_root, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -57,15 +72,15 @@ def test_offline_train_and_evaluate_write_wandb_runs(synthetic_root, tmp_path, m
     config = resolve_run_config(method="pfenet", dataset="synthetic", fold=1, shot=1, iterations=2, device="cpu",
                                 set_values=tiny_sets(synthetic_root, **{"tracking.wandb": True}), params_path=REPO_PARAMS)
     out = tmp_path / "run"
-    train_run(config, out)
+    warnings: list[str] = []
+    train_run(config, out, say=lambda m: warnings.append(m) if m.startswith("warning") else None)
     run_id = (out / "wandb_run_id.txt").read_text().strip()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].name.endswith(run_id)
     logs = list(runs[0].glob("*.wandb"))
     assert len(logs) == 1, "the offline run holds no .wandb log"
-    data = logs[0].read_bytes()  # protobuf records: keys are stored as plain strings
-    for key in (b"train/loss", b"train/lr", b"val/miou", b"final/iterations", b"pfenet-synthetic-small-1shot"):
-        assert key in data, key
+    _wait_for_records(logs[0], (b"train/loss", b"train/lr", b"val/miou", b"final/iterations",
+                                b"pfenet-synthetic-small-1shot"))
 
     from pipeline.evaluate import evaluate_one, make_protocol
     from pipeline.train import open_split
@@ -77,13 +92,13 @@ def test_offline_train_and_evaluate_write_wandb_runs(synthetic_root, tmp_path, m
         dataset="synthetic", fold=1, shot=1, protocol=make_protocol("pfenet", "synthetic", episodes=4, size=33),
         device=torch.device("cpu"), batch_size=2, num_workers=0, precision="fp32", ways=1,
         out=tmp_path / "eval.json", figure=None, figure_episodes=0, tracking=config.tracking, run_dir=out,
-        group_shot=1,
+        group_shot=1, say=warnings.append,
     )
+    assert warnings == []
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
     newest = next(r for r in runs if not r.name.endswith(run_id))
-    data = next(newest.glob("*.wandb")).read_bytes()
-    for key in (b"miou", b"fb_iou", b"class_iou/6", b"predictions", b"evaluate", b"fold1-1shot"):
-        assert key in data, key
+    keys = (b"miou", b"fb_iou", b"class_iou/6", b"predictions", b"evaluate", b"fold1-1shot")
+    _wait_for_records(next(newest.glob("*.wandb")), keys)
     assert any(newest.rglob("*.png")), "the sample predictions were not logged as images"
     assert 0.0 <= report["miou"] <= 1.0
