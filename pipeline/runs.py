@@ -25,7 +25,6 @@ import io
 import json
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -33,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
+from fss.atomic import atomic_write_text  # noqa: F401  (re-exported: pipeline code imports it from here)
 from fss.errors import CheckpointError, ConfigError
 
 from pipeline.config import RunConfig, config_differences, config_from_dict
@@ -52,22 +52,6 @@ LOG_FILE = "train.log"
 
 
 # ---------------------------------------------------------------- small atomic writers
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fss.atomic import atomic_path
 from fss.errors import DataError
 
 
@@ -80,12 +80,5 @@ def write_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 95) ->
 
 
 def _atomic_save(img: Image.Image, path: Path, **kwargs) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, fsync=False) as tmp:
         img.save(tmp, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

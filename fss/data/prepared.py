@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -30,6 +29,7 @@ import numpy as np
 
 from fss.data import classes as C
 from fss.data.imageio import read_image, read_mask
+from fss.atomic import atomic_write_text
 from fss.errors import DataError
 
 FORMAT_VERSION = 1
@@ -206,17 +206,7 @@ def finish_prepare(out: Path, meta: dict) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text, fsync=False)  # meta.json, written last, marks completion
 
 
 def remove_tree(path: Path) -> None:

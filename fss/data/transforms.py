@@ -16,6 +16,10 @@ Conventions
 * Images use bilinear interpolation, masks nearest. PFENet (cv2) resizes without
   anti-aliasing; PANet/HSNet/CANet resize PIL images, which anti-aliases when shrinking:
   each preset's ``antialias`` default follows its reference.
+* The geometric primitives are plain torch (``interpolate``, ``grid_sample``, ``conv2d``) and
+  compute what torchvision.transforms.v2's resize / rotate / gaussian_blur compute (the tests
+  compare them); importing torchvision costs several seconds per process, which the
+  pipeline's many short stages would pay over and over.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
 
 from fss.data.classes import IGNORE_INDEX
 from fss.errors import ConfigError
@@ -87,15 +89,73 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- geometric primitives
 
 
+def _resize(x: torch.Tensor, height: int, width: int, mode: str, antialias: bool = False) -> torch.Tensor:
+    """Resize ``[C, H, W]``: float images bilinear (half-pixel centres, optional antialias),
+    integer masks nearest (torch's "nearest", as torchvision's NEAREST)."""
+    if mode == "nearest":
+        return nnf.interpolate(x[None], size=(height, width), mode="nearest")[0]
+    return nnf.interpolate(x[None], size=(height, width), mode="bilinear", align_corners=False,
+                           antialias=antialias)[0]
+
+
 def resize_pair(image: torch.Tensor, masks: torch.Tensor, height: int, width: int,
                 antialias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize image (bilinear) and masks (nearest) to ``height x width``."""
     if image.shape[-2:] == (height, width):
         return image, masks
-    image = TF.resize(image, [height, width], interpolation=InterpolationMode.BILINEAR,
-                      antialias=antialias)
-    masks = TF.resize(masks, [height, width], interpolation=InterpolationMode.NEAREST)
-    return image, masks
+    return _resize(image, height, width, "bilinear", antialias), _resize(masks, height, width, "nearest")
+
+
+def rotate_about_centre(x: torch.Tensor, angle: float, mode: str, fill) -> torch.Tensor:
+    """Rotate ``[C, H, W]`` by ``angle`` degrees counter-clockwise about the image centre,
+    same size; pixels from outside the image get ``fill`` (one value per channel).
+
+    Inverse mapping: an output pixel at ``(u, v)`` from the centre (pixel centres, y down)
+    samples the input at ``(u cos a - v sin a, u sin a + v cos a)`` (``grid_sample``,
+    ``align_corners=False``). Out-of-image weight is tracked with an extra all-ones channel:
+    bilinear blends ``fill`` in by the missing weight, nearest takes ``fill`` where less than
+    half of the weight is inside.
+    """
+    channels, height, width = x.shape
+    theta = torch.deg2rad(torch.tensor(float(angle), dtype=torch.float64))
+    cos_a, sin_a = float(torch.cos(theta)), float(torch.sin(theta))
+    u = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width, dtype=torch.float32)
+    v = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height, dtype=torch.float32)
+    vv, uu = torch.meshgrid(v, u, indexing="ij")
+    grid = torch.stack(((uu * cos_a - vv * sin_a) / (0.5 * width),
+                        (uu * sin_a + vv * cos_a) / (0.5 * height)), dim=-1)[None]
+    values = x.float() if not torch.is_floating_point(x) else x
+    values = torch.cat((values, values.new_ones((1, height, width))), dim=0)
+    out = nnf.grid_sample(values[None], grid.to(values.dtype), mode=mode, padding_mode="zeros",
+                          align_corners=False)[0]
+    out, inside = out[:channels], out[channels:]
+    fill_t = out.new_tensor([float(f) for f in fill]).view(-1, 1, 1)
+    if mode == "nearest":
+        out = torch.where(inside < 0.5, fill_t.expand_as(out), out)
+    else:
+        out = (out - fill_t) * inside + fill_t
+    return out if torch.is_floating_point(x) else out.round().to(x.dtype)
+
+
+def gaussian_kernel1d(size: int, sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian weights at the integer offsets ``-(size//2)..size//2``."""
+    offsets = torch.arange(size, dtype=torch.float32) - (size - 1) / 2.0
+    weights = torch.exp(-(offsets ** 2) / (2.0 * sigma * sigma))
+    return weights / weights.sum()
+
+
+def gaussian_blur(image: torch.Tensor, size: int, sigma: float | None = None) -> torch.Tensor:
+    """Blur a float ``[C, H, W]`` image with a ``size x size`` Gaussian (separable), borders
+    reflected; ``sigma`` defaults to the kernel-size rule of cv2/torchvision
+    ``0.3 * ((size - 1) / 2 - 1) + 0.8``."""
+    if sigma is None:
+        sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
+    channels = image.shape[0]
+    k1 = gaussian_kernel1d(size, sigma).to(image.dtype)
+    kernel = (k1[:, None] * k1[None, :]).expand(channels, 1, size, size)
+    pad = size // 2
+    padded = nnf.pad(image[None], (pad, pad, pad, pad), mode="reflect")
+    return nnf.conv2d(padded, kernel, groups=channels)[0]
 
 
 def rand_scale(image, masks, rng: np.random.Generator, scale_range=(0.9, 1.1), antialias=False):
@@ -114,25 +174,23 @@ def rand_rotate(image, masks, rng: np.random.Generator, angle_range=(-10.0, 10.0
     pixel), the masks with 255."""
     if rng.random() < p:
         angle = angle_range[0] + (angle_range[1] - angle_range[0]) * rng.random()
-        image = TF.rotate(image, angle, interpolation=InterpolationMode.BILINEAR,
-                          fill=[float(v) for v in image_fill])
-        masks = TF.rotate(masks, angle, interpolation=InterpolationMode.NEAREST,
-                          fill=[float(ignore_index)] * masks.shape[0])
+        image = rotate_about_centre(image, angle, "bilinear", image_fill)
+        masks = rotate_about_centre(masks, angle, "nearest", [ignore_index] * masks.shape[0])
     return image, masks
 
 
 def rand_gaussian_blur(image, rng: np.random.Generator, radius=5, p=0.5):
     """pfenet RandomGaussianBlur: ``radius x radius`` kernel, sigma from the kernel size as
-    cv2 (``0.3 * ((k - 1) / 2 - 1) + 0.8``; torchvision uses the same rule), p = 0.5."""
+    cv2 (``0.3 * ((k - 1) / 2 - 1) + 0.8``), p = 0.5."""
     if rng.random() < p:
-        image = TF.gaussian_blur(image, [radius, radius])
+        image = gaussian_blur(image, radius)
     return image
 
 
 def rand_hflip(image, masks, rng: np.random.Generator, p=0.5):
     """Horizontal flip of image and masks together with probability ``p``."""
     if rng.random() < p:
-        image, masks = TF.horizontal_flip(image), TF.horizontal_flip(masks)
+        image, masks = image.flip(-1), masks.flip(-1)
     return image, masks
 
 

@@ -15,7 +15,6 @@ with a one-line :class:`~fss.errors.CheckpointError`.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,19 +53,10 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` to ``path`` through a temporary file and a rename (never half-written)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from fss.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_model_file(path, model: torch.nn.Module, *, method: str, backbone: str, shot: int,

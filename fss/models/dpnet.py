@@ -75,10 +75,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import Bottleneck
 
 from fss.errors import ConfigError
 from fss.models.backbones import build_backbone
+from fss.models.backbones.resnet import Bottleneck
 from fss.models.base import FSSModel, ModelOutput
 from fss.models.blocks import ASPPHead, cross_entropy_ignore, masked_average_pool, resize_bilinear
 from fss.models.canet import CANET_MAP_EPS
@@ -372,9 +372,14 @@ class DPNet(FSSModel):
     def backbone_features(self, images: torch.Tensor):
         """Frozen ``layer2``, ``layer3`` and ``layer3`` before its last ReLU (no gradients)."""
         bb = self.backbone
-        with torch.no_grad():
-            layer2 = bb.layer2(bb.layer1(bb.layer0(images)))
-            layer3, layer3_pre = stage_with_pre_relu(bb.layer3, layer2)
+
+        def stages(rows):
+            layer2 = bb.layer2(bb.layer1(bb.layer0(images[rows])))
+            return layer2, stage_with_pre_relu(bb.layer3, layer2)[1]
+
+        with torch.no_grad():  # frozen_features: the evaluation feature cache hook (base.py)
+            layer2, layer3_pre = self.frozen_features("dpnet.layer3", stages, images)
+            layer3 = F.relu(layer3_pre)  # what stage_with_pre_relu returns as the output
         return layer2, layer3, layer3_pre
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

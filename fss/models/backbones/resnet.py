@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.resnet import Bottleneck
 
 from fss.errors import ConfigError
 
@@ -119,6 +118,36 @@ class ResNetBackbone(nn.Module):
             x = getattr(self, name)(x)
             out[name] = x
         return out
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck with torchvision's layout and names (``conv1`` 1x1, ``conv2`` 3x3
+    carrying the stride and dilation, ``conv3`` 1x1 to ``4 * planes``, ``bn1..bn3``,
+    ``relu``, ``downsample``), so torchvision and PSPNet state dicts load key for key.
+    Defined here so that building a backbone does not import torchvision (seconds per process)."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 dilation: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=dilation,
+                               dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
 
 
 def _residual_stage(in_channels: int, planes: int, n_blocks: int, *, stride: int, dilation: int,

@@ -27,7 +27,6 @@ import os
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from fss.errors import CheckpointError, ConfigError
@@ -84,6 +83,8 @@ def imagenet_weights_file(name: str) -> Path:
         what = f"pass the path of {hint}" if hint else "pass the path of a weight file"
         raise CheckpointError(f"backbone {name!r} has no torchvision ImageNet weights; {what} as its weights.")
     enum_name, member = TORCHVISION_IMAGENET[name]
+    import torchvision  # only here: importing it costs seconds
+
     url = getattr(torchvision.models, enum_name)[member].url
     file_name = url.rsplit("/", 1)[-1]
     cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
