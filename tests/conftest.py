@@ -29,3 +29,27 @@ def _one_torch_thread():
 @pytest.fixture
 def checkpoint_keys() -> Path:
     return CHECKPOINT_KEYS
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The real synthetic generator, tiny: 48 px images, 60 train / 120 val (every novel class
+    has the 6 images a 5-shot episode needs). Shared by the pipeline, sweep, cache, bench and
+    distributed tests."""
+    from fss.data.synthetic import prepare_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    prepare_synthetic(root, seed=0, size=48, train_images=60, val_images=120)
+    return root
+
+
+@pytest.fixture
+def subprocess_env() -> dict:
+    """Environment of CLI subprocesses: W&B off, one torch thread, the env's `fss` on PATH."""
+    import sys
+
+    env = dict(os.environ)
+    env["WANDB_MODE"] = "disabled"
+    env["OMP_NUM_THREADS"] = "1"
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env

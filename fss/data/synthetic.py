@@ -26,9 +26,11 @@ hue (intra-class colour variation). Backgrounds are gradients with low-frequency
 noise and distractors (thin bars, elongated speckled ellipses) whose shapes and textures
 are none of the classes' but whose colours may be any hue.
 
-Images. Each image has 2..5 class objects (classes drawn uniformly, repeats allowed) with
-random scale, position (may leave the frame), rotation, slight stretch, and occlusion by
-later objects (a placement that would hide more than 60% of an earlier object is redrawn).
+Images. Each image has 1..3 class objects (classes drawn uniformly, repeats allowed) of
+radius 0.2..0.38 times the nominal size (an episode's target covers about an eighth of the
+image, as a typical PASCAL object does), with random position (may leave the frame),
+rotation, slight stretch, and occlusion by later objects (a placement that would hide more
+than 60% of an earlier object is redrawn), over 1..4 distractors.
 Image sides vary in ``[size - size//6, size + size//6]`` so the resize-pad evaluation path is
 exercised. The class and instance maps get a 255 band on every instance boundary, like VOC:
 each pixel whose 8-neighbourhood holds another instance id (or background) is 255.
@@ -71,7 +73,7 @@ from fss.data.prepared import (
 from fss.errors import ConfigError
 
 #: bump when the drawing changes: it seeds the generator and is recorded in meta.json
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: fewer, larger objects (1..3, radius 0.2..0.38), 1..4 distractors
 
 DEFAULT_SIZE = 96
 DEFAULT_TRAIN_IMAGES = 1200
@@ -86,9 +88,9 @@ HUES = (("red", 0.0), ("yellow", 55.0), ("green", 130.0), ("blue", 215.0), ("pur
 
 HUE_JITTER_DEG = 12.0
 OFF_HUE_PROBABILITY = 0.2
-OBJECTS_PER_IMAGE = (2, 5)  # inclusive range
-DISTRACTORS_PER_IMAGE = (2, 6)
-OBJECT_RADIUS = (0.12, 0.28)  # times the nominal size
+OBJECTS_PER_IMAGE = (1, 3)  # inclusive range
+DISTRACTORS_PER_IMAGE = (1, 4)
+OBJECT_RADIUS = (0.2, 0.38)  # times the nominal size
 MAX_HIDDEN_FRACTION = 0.6
 PLACEMENT_TRIES = 6
 IMAGE_DIR = "JPEGImages"

@@ -1,0 +1,287 @@
+"""`fss sweep report`: a finished study as the paper's ablation table, plots and a trials CSV.
+
+Files written to ``--out``::
+
+    table.csv / table.md / table.tex   rows = parameter values, columns = folds + mean (mIoU %),
+                                       the best row marked (bold in md/tex, ``best`` in CSV)
+    pivot.csv / pivot.md / pivot.tex   two-parameter grids only: mean mIoU, rows x columns
+    importance.png / importance.html   parameter importance (share of the objective's variance
+                                       explained by each parameter: between-group sum of squares
+                                       over the total, continuous values in quartile bins)
+    slice.png / slice.html             objective against each parameter, one dot per trial
+    trials.csv                         study.trials_dataframe() (pandas-readable)
+    summary.json                       counts, best value and parameters
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.sweep_study import label as _label, point_key
+
+
+
+
+def _complete_trials(study) -> list:
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("fss_scores")]
+
+
+def table_rows(study, info: Mapping[str, Any]) -> tuple[list[str], list[dict]]:
+    """(column names, rows) of the ablation table; numbers are mIoU in %."""
+    names = [p["name"] for p in info["params"]]
+    shots = [str(s) for s in info["shots"]]
+    folds = [str(f) for f in info["folds"]]
+    multi = len(shots) > 1
+    score_cols = []
+    for s in shots:
+        score_cols += [f"{s}-shot fold{f}" if multi else f"fold{f}" for f in folds]
+        score_cols.append(f"{s}-shot mean" if multi else "mean")
+    done: dict[str, list] = {}
+    for t in _complete_trials(study):
+        done.setdefault(point_key({n: t.params.get(n) for n in names}), []).append(t)
+    if info["mode"] == "grid":
+        from itertools import product
+
+        points = [dict(zip(names, combo)) for combo in product(*[p["values"] for p in info["params"]])]
+    else:
+        ranked = sorted(_complete_trials(study), key=lambda t: -t.value)
+        points = [{n: t.params.get(n) for n in names} for t in ranked]
+        seen, unique = set(), []
+        for p in points:
+            if point_key(p) not in seen:
+                seen.add(point_key(p))
+                unique.append(p)
+        points = unique
+    rows = []
+    for point in points:
+        trials = done.get(point_key(point), [])
+        row: dict[str, Any] = {n.split(".")[-1] if len(names) == 1 else n: _label(point[n]) for n in names}
+        if info["mode"] == "tune" and trials:
+            row = {"trial": trials[0].number, **row}
+        for s in shots:
+            values = []
+            for f in folds:
+                per = [t.user_attrs["fss_scores"].get(s, {}).get(f) for t in trials]
+                per = [v for v in per if v is not None]
+                v = 100 * sum(per) / len(per) if per else None
+                row[f"{s}-shot fold{f}" if multi else f"fold{f}"] = v
+                values.append(v)
+            row[f"{s}-shot mean" if multi else "mean"] = (
+                sum(values) / len(values) if values and all(v is not None for v in values) else None)
+        if info.get("reference"):
+            row["paper"] = info["reference"].get(" / ".join(_label(point[n]) for n in names))
+        rows.append(row)
+    means = [r[f"{shots[0]}-shot mean" if multi else "mean"] for r in rows]
+    valid = [m for m in means if m is not None]
+    best = max(valid) if valid else None
+    for r, m in zip(rows, means):
+        r["best"] = best is not None and m == best
+    columns = list(rows[0]) if rows else [*names, *score_cols, "best"]
+    return columns, rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    return str(v)
+
+
+def _numeric_best(rows: list[dict], col: str) -> float | None:
+    vals = [r[col] for r in rows if isinstance(r.get(col), float)]
+    return max(vals) if vals else None
+
+
+def to_markdown(columns: list[str], rows: list[dict], title: str) -> str:
+    shown = [c for c in columns if c != "best"]
+    bests = {c: _numeric_best(rows, c) for c in shown if c != "paper"}
+    lines = [f"**{title}** (validation mIoU %, best in bold)", "", "| " + " | ".join(shown) + " |",
+             "|" + "|".join("---" for _ in shown) + "|"]
+    for r in rows:
+        cells = []
+        for c in shown:
+            text = _fmt(r.get(c))
+            if isinstance(r.get(c), float) and bests.get(c) is not None and r[c] == bests[c]:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex_escape(text: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in text)
+
+
+def to_latex(columns: list[str], rows: list[dict], title: str) -> str:
+    shown = [c for c in columns if c != "best"]
+    bests = {c: _numeric_best(rows, c) for c in shown if c != "paper"}
+    align = "".join("c" if any(isinstance(r.get(c), float) for r in rows) else "l" for c in shown)
+    lines = [r"\begin{table}[t]", r"\centering", f"\\caption{{{_tex_escape(title)} (validation mIoU \\%)}}",
+             r"\begin{tabular}{" + align + "}", r"\toprule", " & ".join(_tex_escape(c) for c in shown) + r" \\",
+             r"\midrule"]
+    for r in rows:
+        cells = []
+        for c in shown:
+            text = _tex_escape(_fmt(r.get(c)))
+            if isinstance(r.get(c), float) and bests.get(c) is not None and r[c] == bests[c]:
+                text = f"\\textbf{{{text}}}"
+            cells.append(text)
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(columns: list[str], rows: list[dict], path: Path) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame([{c: (round(r[c], 4) if isinstance(r.get(c), float) else r.get(c)) for c in columns}
+                          for r in rows], columns=columns)
+    frame.to_csv(path, index=False)
+
+
+def pivot(study, info: Mapping[str, Any]) -> tuple[list[str], list[dict]] | None:
+    """Mean mIoU (first shot) as a rows x columns grid of a two-parameter grid study."""
+    if info["mode"] != "grid" or len(info["params"]) != 2:
+        return None
+    (a, b) = info["params"]
+    columns, rows = table_rows(study, info)
+    mean_col = next(c for c in columns if c.endswith("mean"))
+    lookup = {(r[a["name"]], r[b["name"]]): r[mean_col] for r in rows}
+    head = f"{a['name'].split('.')[-1]} \\ {b['name'].split('.')[-1]}"
+    out_rows = []
+    for va in a["values"]:
+        row = {head: _label(va)}
+        for vb in b["values"]:
+            row[_label(vb)] = lookup.get((_label(va), _label(vb)))
+        out_rows.append(row)
+    return [head, *[_label(v) for v in b["values"]]], out_rows
+
+
+# ---------------------------------------------------------------- importance and slices
+
+
+def importance(study, info: Mapping[str, Any]) -> dict[str, float]:
+    """Share of the objective's variance explained by each parameter (eta squared)."""
+    trials = _complete_trials(study)
+    values = [t.value for t in trials]
+    out: dict[str, float] = {}
+    if len(values) < 2:
+        return {p["name"]: 0.0 for p in info["params"]}
+    mean = sum(values) / len(values)
+    total = sum((v - mean) ** 2 for v in values)
+    for p in info["params"]:
+        xs = [t.params.get(p["name"]) for t in trials]
+        if "values" not in p:  # continuous: quartile bins
+            order = sorted(x for x in xs if x is not None)
+            cuts = [order[int(len(order) * q)] for q in (0.25, 0.5, 0.75)] if order else []
+            xs = [sum(x > c for c in cuts) for x in xs]
+        groups: dict[str, list[float]] = {}
+        for x, v in zip(xs, values):
+            groups.setdefault(json.dumps(x, default=str), []).append(v)
+        between = sum(len(g) * (sum(g) / len(g) - mean) ** 2 for g in groups.values())
+        out[p["name"]] = between / total if total > 0 else 0.0
+    return out
+
+
+def _slice_points(study, info) -> dict[str, tuple[list, list[float]]]:
+    trials = _complete_trials(study)
+    return {p["name"]: ([t.params.get(p["name"]) for t in trials], [100 * t.value for t in trials])
+            for p in info["params"]}
+
+
+def plot_files(study, info: Mapping[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    files = []
+    imp = importance(study, info)
+    names = list(imp)
+    fig, ax = plt.subplots(figsize=(6, 1 + 0.5 * len(names)))
+    ax.barh([n.split(".")[-1] for n in names], [imp[n] for n in names], color="#4c72b0")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of the objective's variance")
+    ax.set_title(f"{info['name']}: parameter importance")
+    fig.tight_layout()
+    fig.savefig(out / "importance.png", dpi=120)
+    plt.close(fig)
+    go.Figure(go.Bar(x=[imp[n] for n in names], y=names, orientation="h")).update_layout(
+        title=f"{info['name']}: parameter importance", xaxis_title="share of the objective's variance",
+        xaxis_range=[0, 1]).write_html(out / "importance.html", include_plotlyjs=True)
+    files += [out / "importance.png", out / "importance.html"]
+
+    points = _slice_points(study, info)
+    fig, axes = plt.subplots(1, len(points), figsize=(4 * len(points), 3.5), squeeze=False)
+    pfig = make_subplots(rows=1, cols=len(points), subplot_titles=[n.split(".")[-1] for n in points])
+    for i, (name, (xs, ys)) in enumerate(points.items()):
+        categorical = any(isinstance(x, (str, bool)) for x in xs)
+        shown = [_label(x) for x in xs] if categorical else xs
+        axes[0][i].scatter(shown, ys, color="#dd8452")
+        axes[0][i].set_xlabel(name.split(".")[-1])
+        axes[0][i].set_ylabel("validation mIoU (%)" if i == 0 else "")
+        pfig.add_trace(go.Scatter(x=shown, y=ys, mode="markers", name=name), row=1, col=i + 1)
+    fig.suptitle(f"{info['name']}: objective per parameter")
+    fig.tight_layout()
+    fig.savefig(out / "slice.png", dpi=120)
+    plt.close(fig)
+    pfig.update_layout(title=f"{info['name']}: objective per parameter", showlegend=False)
+    pfig.write_html(out / "slice.html", include_plotlyjs=True)
+    files += [out / "slice.png", out / "slice.html"]
+    return files
+
+
+def trials_csv(study, path: Path) -> None:
+    frame = study.trials_dataframe()
+    for col in frame.columns:
+        if frame[col].map(lambda v: isinstance(v, (dict, list))).any():
+            frame[col] = frame[col].map(lambda v: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)
+    frame.to_csv(path, index=False)
+
+
+def write_report(study, info: Mapping[str, Any], out: str | Path) -> list[Path]:
+    """Every report file of ``study`` in ``out`` (see the module docstring)."""
+    from pipeline.runs import atomic_write_text, write_json
+    from pipeline.sweep import counts
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    title = info.get("title") or info["name"]
+    columns, rows = table_rows(study, info)
+    to_csv(columns, rows, out / "table.csv")
+    atomic_write_text(out / "table.md", to_markdown(columns, rows, title))
+    atomic_write_text(out / "table.tex", to_latex(columns, rows, title))
+    files = [out / "table.csv", out / "table.md", out / "table.tex"]
+    grid = pivot(study, info)
+    if grid is not None:
+        pcols, prows = grid
+        to_csv(pcols, prows, out / "pivot.csv")
+        atomic_write_text(out / "pivot.md", to_markdown(pcols, prows, title + " (mean)"))
+        atomic_write_text(out / "pivot.tex", to_latex(pcols, prows, title + " (mean)"))
+        files += [out / "pivot.csv", out / "pivot.md", out / "pivot.tex"]
+    files += plot_files(study, info, out)
+    trials_csv(study, out / "trials.csv")
+    files.append(out / "trials.csv")
+    summary: dict[str, Any] = {"study": study.study_name, "title": title, "trials": counts(study),
+                               "importance": importance(study, info)}
+    complete = _complete_trials(study)
+    if complete:
+        best = max(complete, key=lambda t: t.value)
+        summary.update(best_value=best.value, best_params=best.params, best_trial=best.number)
+    write_json(out / "summary.json", summary)
+    files.append(out / "summary.json")
+    return files
+
+
+__all__ = ["write_report", "table_rows", "importance", "pivot", "to_markdown", "to_latex"]

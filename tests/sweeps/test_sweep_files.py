@@ -1,0 +1,185 @@
+"""Study files, storages, fingerprints and the claim of queued trials (no training)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fss.errors import ConfigError
+from pipeline.sweep import claim_waiting, is_dead, open_study, wandb_sweep
+from pipeline.sweep_storage import normalize_storage, open_storage
+from pipeline.sweep_study import load_study
+
+from conftest import FSS, write_study
+
+REPO = Path(__file__).resolve().parents[2]
+STUDY_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
+
+
+def run_cli(args, capsys):
+    from pipeline.cli import main
+
+    old, sys.argv = sys.argv, ["fss", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(code, err, *needles):
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.stem)
+def test_every_study_file_validates_and_its_wandb_file_is_current(path):
+    spec = load_study(path)  # resolves the run config of every point against the registry
+    assert spec.name == path.stem
+    assert spec.mode == ("tune" if spec.name.endswith("_tune") else "grid")
+    wandb_file = REPO / "sweeps" / "wandb" / path.name
+    saved = yaml.safe_load(wandb_file.read_text())
+    assert saved == yaml.safe_load(yaml.safe_dump(wandb_sweep(spec, f"sweeps/{path.name}")))
+    assert saved["command"][:4] == ["${env}", "fss", "sweep", "trial"]
+    assert set(saved["parameters"]) == set(spec.param_names)
+
+
+def test_test_time_studies_re_evaluate_checkpoints():
+    beta = load_study(REPO / "sweeps" / "dpnet_beta.yaml")
+    assert beta.test_time and [p["knobs.beta_test"] for p in beta.grid()][:3] == [0.0, 0.1, 0.2]
+    assert beta.checkpoint_for(2, 1) == Path("runs/pascal/dpnet_pfenet/fold2")
+    assert not load_study(REPO / "sweeps" / "apanet_lambda.yaml").test_time
+
+
+@pytest.mark.parametrize("change, needles", [
+    ({"paramz": {}}, ["unknown key 'paramz'", "allowed keys"]),
+    ({"params": {"knobs.lam": {"values": [0.0, 2.0]}}}, ["knobs.lam", "2.0", "[0.0, 1.0]"]),
+    ({"params": {"knobs.nope": {"values": [1]}}}, ["knobs.nope", "its knobs are"]),
+    ({"params": {"knobs.lam": {"low": 0.0}}}, ["params.knobs.lam", "high"]),
+    ({"params": {"knobs.lam": {"values": [0.1], "low": 0.0, "high": 1.0}}}, ["exactly one of values"]),
+    ({"folds": [0, 7]}, ["folds", "0..3"]),
+    ({"mode": "tune"}, ["n_trials"]),
+    ({"pruner": {"name": "median"}}, ["pruning is off for grids"]),
+    ({"method": "dpnet_pfenet", "params": {"knobs.beta_test": {"values": [0.2]}, "knobs.lambda1": {"values": [1.0]}},
+      "set": {}}, ["mixes test-time-only knobs", "knobs.beta_test"]),
+    ({"method": "dpnet_pfenet", "params": {"knobs.beta_test": {"values": [0.2]}}, "set": {}}, ["needs 'checkpoint'"]),
+])
+def test_bad_study_files_say_which_key_and_what_is_allowed(tmp_path, sweep_data, capsys, change, needles):
+    path = write_study(tmp_path / "bad.yaml", sweep_data)
+    doc = yaml.safe_load(path.read_text())
+    doc.update(change)
+    path.write_text(yaml.safe_dump(doc))
+    code, out, err = run_cli(["sweep", "run", path], capsys)
+    one_line_error(code, err, str(path), *needles)
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_tuning_pruner_needs_validation_during_training(tmp_path, sweep_data):
+    path = write_study(tmp_path / "t.yaml", sweep_data, params={"knobs.lam": {"low": 0.0, "high": 1.0}},
+                       mode="tune", n_trials=2, pruner={"name": "median"})
+    with pytest.raises(ConfigError, match="validation.every"):
+        load_study(path)
+
+
+@pytest.mark.slow
+def test_unreachable_or_unopenable_storage_is_one_line_without_trials(tmp_path, sweep_data, subprocess_env, capsys):
+    path = write_study(tmp_path / "s.yaml", sweep_data)
+    # through the console script (exit code 2, one line, the password hidden)
+    proc = subprocess.run([FSS, "sweep", "run", str(path), "--storage", "postgresql://fss:secret@127.0.0.1:1/fss"],
+                          capture_output=True, text=True, env=subprocess_env, timeout=300)
+    one_line_error(proc.returncode, proc.stderr, "cannot open storage postgresql://fss:***@127.0.0.1:1/fss")
+    assert "secret" not in proc.stderr
+    for storage, needle in [
+        (f"sqlite:///{tmp_path}/missing/dir/x.db", "does not exist"),
+        ("redis://localhost", "unknown scheme 'redis'"),
+        (str(tmp_path / "study.txt"), "must end in .db"),
+    ]:
+        code, _, err = run_cli(["sweep", "run", path, "--storage", storage], capsys)
+        one_line_error(code, err, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sqlite_refused_for_several_workers(tmp_path, sweep_data, capsys):
+    path = write_study(tmp_path / "s.yaml", sweep_data)
+    code, _, err = run_cli(["sweep", "run", path, "--workers", "2", "--storage", tmp_path / "x.db"], capsys)
+    one_line_error(code, err, "SQLite", "journal file")
+
+
+def test_changed_study_file_under_the_same_name_is_refused(tmp_path, sweep_data, capsys):
+    path = write_study(tmp_path / "s.yaml", sweep_data)
+    url = normalize_storage(str(tmp_path / "journal.log"))
+    spec = load_study(path)
+    study = open_study(spec, open_storage(url), url)
+    assert len(study.get_trials()) == 2 and study.user_attrs["fss_fingerprint"] == spec.fingerprint()
+    # the same file again: loads, queues nothing twice
+    assert len(open_study(load_study(path), open_storage(url), url).get_trials()) == 2
+    # a budget-free key (title) may change; a parameter may not
+    doc = yaml.safe_load(path.read_text())
+    doc["title"] = "renamed"
+    doc["params"]["knobs.lam"]["values"] = [0.0, 0.5]
+    path.write_text(yaml.safe_dump(doc))
+    code, _, err = run_cli(["sweep", "run", path, "--storage", tmp_path / "journal.log"], capsys)
+    one_line_error(code, err, "different version", "params.knobs.lam.values", "new --study name")
+    assert len(open_storage(url).get_all_trials(0)) == 2
+
+
+def test_dead_worker_detection(tmp_path):
+    import socket
+    from types import SimpleNamespace
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = SimpleNamespace(user_attrs={"fss_host": socket.gethostname(), "fss_pid": proc.pid}, datetime_start=None)
+    alive = SimpleNamespace(user_attrs={"fss_host": socket.gethostname(), "fss_pid": subprocess.os.getpid()},
+                            datetime_start=None)
+    remote = SimpleNamespace(user_attrs={"fss_host": "elsewhere", "fss_pid": 1, "fss_heartbeat": time.time() - 100},
+                             datetime_start=None)
+    assert is_dead(dead, grace=600) and not is_dead(alive, grace=600)
+    assert not is_dead(remote, grace=600) and is_dead(remote, grace=50)
+
+
+CLAIMER = textwrap.dedent("""
+    import json, sys, optuna
+    from pipeline.sweep import claim_waiting
+    from pipeline.sweep_storage import open_storage
+    storage = open_storage(sys.argv[1])
+    study = optuna.load_study(study_name="race", storage=storage)
+    got = []
+    while True:
+        trial = claim_waiting(study, storage)
+        if trial is None:
+            break
+        got.append(trial.number)
+    print(json.dumps(got))
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_never_claim_the_same_queued_trial(tmp_path, subprocess_env):
+    import json
+
+    import optuna
+
+    url = normalize_storage(str(tmp_path / "journal.log"))
+    study = optuna.create_study(study_name="race", storage=open_storage(url))
+    for i in range(60):
+        study.enqueue_trial({"x": i})
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, url], stdout=subprocess.PIPE, text=True,
+                              env=subprocess_env, cwd=REPO) for _ in range(2)]
+    claimed = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    together = claimed[0] + claimed[1]
+    assert sorted(together) == list(range(60))  # every trial claimed exactly once
+    assert claim_waiting(optuna.load_study(study_name="race", storage=open_storage(url)), open_storage(url)) is None
