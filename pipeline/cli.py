@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from pipeline import aggregate, data_cmd, evaluate, models_cmd, prepare, pretrain, train
+from pipeline import aggregate, bench, data_cmd, evaluate, models_cmd, prepare, pretrain, train
 
 app = typer.Typer(
     help="Few-shot segmentation pipeline: prepare data, train, evaluate, aggregate, sweep, bench.",
@@ -22,6 +22,8 @@ app.command("pretrain")(pretrain.pretrain_command)
 app.command("train")(train.train_command)
 app.command("evaluate")(evaluate.evaluate_command)
 app.command("aggregate")(aggregate.aggregate_command)
+app.command("bench")(bench.bench_command)
+from pipeline import sweep; app.add_typer(sweep.app, name="sweep")  # noqa: E402,E702
 
 
 def main() -> None:
@@ -39,3 +41,7 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")
         sys.exit(130)
+
+
+if __name__ == "__main__":  # `python -m pipeline.cli` (e.g. under torchrun -m)
+    main()

@@ -97,12 +97,17 @@ class TrainLoopConfig:
     epochs: int | None = _opt(None, "number of passes over the training list (exclusive with iterations)", low=1)
     batch_size: int = _opt(4, "episodes per optimiser step", low=1)
     device: str = _opt("auto", "auto (cuda if available), cpu or cuda", choices=DEVICES)
-    precision: str = _opt("fp32", "fp32, or bf16 autocast (GPU)", choices=("fp32", "bf16"))
+    precision: str = _opt("fp32", "fp32, or bf16 autocast (CPU and GPU) in training, validation and evaluation", choices=("fp32", "bf16"))
+    channels_last: bool = _opt(False, "channels_last memory format for the model and the input images (train and evaluation); default false")
     deterministic: str = _opt("auto", "torch.use_deterministic_algorithms: auto = on for CPU, off for CUDA", choices=("auto", "on", "off"))
     log_every: int = _opt(10, "iterations per row of curves.csv (losses averaged over the window)", low=1)
     checkpoint_minutes: float = _opt(5.0, "write the resume checkpoint after this many minutes of work", low=0.0)
     checkpoint_every: int = _opt(0, "also write it every N iterations (0 = only by time and at the end)", low=0)
     grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0 = off; no reference clips)", low=0.0)
+    dist_backend: str = _opt("auto", "torchrun only: process-group backend, auto = nccl on CUDA, gloo on CPU", choices=("auto", "nccl", "gloo"))
+    dist_timeout_minutes: float = _opt(60.0, "torchrun only: how long ranks wait for each other (rank 0 validates alone)", low=1.0)
+    sync_batchnorm: bool = _opt(True, "torchrun only: BatchNorm layers in train mode use the global batch's statistics, as one process would; default true")
+    ddp_find_unused_parameters: bool = _opt(True, "torchrun only: DDP find_unused_parameters (methods have training-only branches); default true")
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,9 @@ class TestConfig:
     size: int | None = _opt(None, "test input side; null = the preset's (473, 641, 400, 417, 321)", low=9)
     runs: int | None = _opt(None, "runs (seeds by the preset's rule); null = the preset's", low=1)
     batch_size: int = _opt(1, "episodes per forward pass at test time", low=1)
+    feature_cache: bool = _opt(True, "reuse the frozen backbone's features of an image across episodes and shots of one 'fss evaluate' (identical metrics); default true")
+    feature_cache_mb: int = _opt(2048, "memory bound of the evaluation feature cache in MiB (least recently used evicted)", low=1)
+    feature_cache_dir: str | None = _opt(None, "also keep evaluation features on disk here, shared between processes (unbounded); null = memory only")
     figure_episodes: int = _opt(4, "episodes drawn in the sample figure (0 = no figure)", low=0, high=32)
 
 
@@ -157,6 +165,10 @@ SECTIONS: dict[str, type] = {
 #: change what is computed, only where, how fast, and what is reported)
 OPERATIONAL_KEYS = (
     "train.device",
+    "train.channels_last",
+    "train.dist_backend",
+    "train.dist_timeout_minutes",
+    "train.ddp_find_unused_parameters",
     "data.num_workers",
     "data.cache_images",
     "train.checkpoint_minutes",

@@ -88,12 +88,18 @@ def evaluate_model(
     sample_episodes: int = 0,
     track: Callable | None = None,
     description: str = "evaluate",
+    channels_last: bool = False,
+    feature_cache=None,
 ) -> dict:
     """Run every run of ``protocol`` on ``data`` (the fold's val list); IoUMeter results.
 
+    ``feature_cache``: a :class:`fss.models.feature_cache.FeatureCache` that serves the frozen
+    backbone's outputs of images seen before (identical metrics; None = compute every time).
+
     Returns the :func:`fss.metrics.summarize_runs` summary plus ``episodes`` (per run),
     ``class_episodes`` (run 0) and ``samples`` (the first ``sample_episodes`` episodes of
-    run 0, as uint8 images and label maps for the figure and W&B).
+    run 0, as uint8 images and label maps for the figure and W&B). ``channels_last``: model
+    and images in channels-last memory format (``train.channels_last``).
     """
     import contextlib
 
@@ -105,6 +111,13 @@ def evaluate_model(
     from fss.metrics import IoUMeter, summarize_runs
 
     model.eval()
+    layout = lambda t: t  # noqa: E731
+    if channels_last:
+        from pipeline.train import channels_last_images as layout
+
+        model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":  # cuDNN autotuning unless deterministic algorithms were asked for
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if precision == "bf16" \
         else contextlib.nullcontext
     results, samples = [], []
@@ -118,11 +131,12 @@ def evaluate_model(
         if track is not None:
             label = description if protocol.runs == 1 else f"{description} run {run + 1}/{protocol.runs}"
             batches = track(loader, label, len(loader))
-        with torch.no_grad():
+        cached = feature_cache.attached(model) if feature_cache is not None else contextlib.nullcontext()
+        with torch.no_grad(), cached:
             for batch in batches:
                 with autocast():
-                    logits = model.predict(batch["support_images"].to(device), batch["support_masks"].to(device),
-                                           batch["query_images"].to(device))
+                    logits = model.predict(layout(batch["support_images"].to(device)), batch["support_masks"].to(device),
+                                           layout(batch["query_images"].to(device)))
                 logits = logits.float()
                 class_ids = batch["class_ids"]
                 if protocol.score_at_original:
@@ -226,8 +240,14 @@ def evaluate_one(
     group_shot: int,
     track: Callable | None = None,
     say: Callable[[str], None] | None = None,
+    channels_last: bool = False,
+    feature_cache=None,
 ) -> dict:
-    """Evaluate one model file at ``shot`` shots and write the JSON (and the figure)."""
+    """Evaluate one model file at ``shot`` shots and write the JSON (and the figure).
+
+    ``feature_cache`` (a ``FeatureCache`` or None) is shared by the calls of one command;
+    the report gets its counters for this evaluation under ``feature_cache``.
+    """
     from pipeline.runs import write_json
     from pipeline.tracking import Tracker
 
@@ -242,14 +262,18 @@ def evaluate_one(
                 "shot": shot, "train_shot": meta.get("shot"), "knobs": meta.get("knobs", {}),
                 "protocol": protocol.describe(), "checkpoint": str(model_path), "selection": selection},
     )
+    cache_before = feature_cache.stats.as_dict() if feature_cache is not None else None
     start = time.monotonic()
     n_samples = max(figure_episodes if figure is not None else 0, tracking.images if tracker.active else 0)
     result = evaluate_model(
         model, data, protocol, shot=shot, device=device, batch_size=batch_size, num_workers=num_workers,
         precision=precision, ways=ways, sample_episodes=n_samples, track=track,
-        description=f"evaluate {meta['method']} fold {fold} {shot}-shot",
+        description=f"evaluate {meta['method']} fold {fold} {shot}-shot", channels_last=channels_last,
+        feature_cache=feature_cache,
     )
     seconds = time.monotonic() - start
+    cache_counts = None if feature_cache is None else {
+        k: v - cache_before[k] for k, v in feature_cache.stats.as_dict().items()}
     samples = result.pop("samples")
     report = {
         "kind": EVAL_KIND,
@@ -286,8 +310,11 @@ def evaluate_one(
         "novel_classes": list(data.novel_classes),
         "device": str(device),
         "precision": precision,
+        "channels_last": channels_last,
         "seconds": round(seconds, 3),
     }
+    if cache_counts is not None:
+        report["feature_cache"] = cache_counts
     if len(result["runs"]) > 1:
         report["miou_std"] = result["miou_std"]
         report["fb_iou_std"] = result["fb_iou_std"]
@@ -323,6 +350,25 @@ def _class_names(data) -> dict[int, str]:
 # ---------------------------------------------------------------- the command
 
 
+def _make_feature_cache(test_cfg, enabled: bool | None, directory: Path | None, megabytes: int | None):
+    """The evaluation feature cache of one ``fss evaluate`` (CLI options over ``test.*``), or None."""
+    from fss.models.feature_cache import FeatureCache
+
+    if not (test_cfg.feature_cache if enabled is None else enabled):
+        return None
+    mb = test_cfg.feature_cache_mb if megabytes is None else megabytes
+    if mb < 1:
+        raise ConfigError(f"--feature-cache-mb {mb} must be at least 1 (MiB); use --no-feature-cache to turn it off.")
+    directory = directory if directory is not None else test_cfg.feature_cache_dir
+    if directory is not None:
+        try:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot use feature cache directory {directory} ({exc.strerror or exc}); "
+                              f"give a writable directory or leave --feature-cache-dir out.") from None
+    return FeatureCache(max_bytes=int(mb) << 20, directory=directory)
+
+
 def evaluate_command(
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory of 'fss train'."),
     shot: list[int] = typer.Option([1], "--shot", help="Shots at test time; repeat for several (--shot 1 --shot 5)."),
@@ -345,6 +391,16 @@ def evaluate_command(
     num_workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: data.num_workers)."),
     wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Log to W&B (default: tracking.wandb)."),
     params: Optional[Path] = typer.Option(None, help="Params file for --model defaults (default ./params.yaml)."),
+    feature_cache: Optional[bool] = typer.Option(
+        None, "--feature-cache/--no-feature-cache",
+        help="Reuse the frozen backbone's features of an image across episodes and shots of this command "
+             "(identical metrics; default: test.feature_cache, on)."),
+    feature_cache_dir: Optional[Path] = typer.Option(
+        None, "--feature-cache-dir",
+        help="Also keep the features on disk in DIR for later evaluations of the same weights, e.g. sweep "
+             "trials (default: test.feature_cache_dir, none; not size-bounded)."),
+    feature_cache_mb: Optional[int] = typer.Option(
+        None, "--feature-cache-mb", help="Memory bound of the feature cache in MiB (default: test.feature_cache_mb, 2048)."),
 ) -> None:
     """Evaluate a trained run or an imported model under a test protocol; writes JSON + PNG."""
     import dataclasses
@@ -355,6 +411,7 @@ def evaluate_command(
     from pipeline.config import (
         build_section,
         eval_defaults,
+        layered_values,
         load_params,
         resolve_device,
         tracking_defaults,
@@ -393,6 +450,7 @@ def evaluate_command(
             device = config.train.device
         workers = config.data.num_workers if num_workers is None else num_workers
         precision = config.train.precision
+        channels_last = config.train.channels_last
         group_shot = config.shot
         cache = config.data.cache_images
     else:
@@ -406,8 +464,9 @@ def evaluate_command(
         test_cfg, tracking = eval_defaults(p, dataset), tracking_defaults(p, dataset)
         workers = num_workers or 0
         precision = "fp32"
+        channels_last = False
         group_shot = None
-        cache = False
+        cache = build_section("data", layered_values(p, None, dataset).get("data")).cache_images
         rd = None
     if wandb is not None:
         tracking = dataclasses.replace(tracking, wandb=wandb)
@@ -421,6 +480,7 @@ def evaluate_command(
     if len(shot) > 1 and out is not None and "{shot}" not in str(out):
         raise ConfigError(f"--out {out} must contain {{shot}} when several --shot values are given.")
     bs = batch_size or test_cfg.batch_size
+    fcache = _make_feature_cache(test_cfg, feature_cache, feature_cache_dir, feature_cache_mb)
     reports = []
     for k in shot:
         out_k = Path(str(out).format(shot=k, protocol=name)) if out is not None else _default_out(
@@ -430,7 +490,8 @@ def evaluate_command(
             model_path=model_path, selection=selection, method_meta=None, data=data, dataset=ds_name, fold=fold_,
             shot=k, protocol=proto, device=dev, batch_size=bs, num_workers=workers, precision=precision,
             ways=ways, out=out_k, figure=fig_k, figure_episodes=test_cfg.figure_episodes, tracking=tracking,
-            run_dir=run, group_shot=group_shot or k, track=track, say=say,
+            run_dir=run, group_shot=group_shot or k, track=track, say=say, channels_last=channels_last,
+            feature_cache=fcache,
         )
         console.print(
             f"[green]{report['method']}[/green] fold {fold_} {k}-shot ({name}, {report['episodes']} episodes"

@@ -143,16 +143,23 @@ def build_training_episodes(config: RunConfig):
     return EpisodeDataset(data, sampler, transform, seed=config.train.seed, keep_original=False)
 
 
-def epoch_loader(dataset, epoch: int, first_batch: int, batch_size: int, num_workers: int, pin: bool):
-    """Batches ``first_batch..`` of ``epoch`` (drop_last); no global RNG is consumed."""
+def epoch_loader(dataset, epoch: int, first_batch: int, batch_size: int, num_workers: int, pin: bool,
+                 rank: int = 0, world_size: int = 1):
+    """Batches ``first_batch..`` of ``epoch`` (drop_last); no global RNG is consumed.
+
+    ``batch_size`` is the global batch; under torchrun rank ``rank`` of ``world_size`` loads
+    its contiguous slice of each global batch (``pipeline.distributed.rank_slice``).
+    """
     import torch
     from torch.utils.data import DataLoader
 
     from fss.data.episodes import collate_episodes
+    from pipeline.distributed import rank_slice
 
     dataset.set_epoch(epoch)
     n = len(dataset) // batch_size
-    batches = [list(range(b * batch_size, (b + 1) * batch_size)) for b in range(first_batch, n)]
+    batches = [rank_slice(list(range(b * batch_size, (b + 1) * batch_size)), rank, world_size)
+               for b in range(first_batch, n)]
     return DataLoader(
         dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_episodes,
         pin_memory=pin, persistent_workers=False, generator=torch.Generator().manual_seed(0),
@@ -161,6 +168,27 @@ def epoch_loader(dataset, epoch: int, first_batch: int, batch_size: int, num_wor
 
 def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def channels_last_images(images):
+    """``[..., C, H, W]`` float images laid out channels-last per image (``train.channels_last``).
+
+    4-D tensors use ``torch.channels_last``; 5-D supports ``[B, K, C, H, W]`` get strides
+    such that ``flatten(0, 1)`` is a channels-last 4-D view. Values are unchanged.
+    """
+    import torch
+
+    if images.dim() == 4:
+        return images.contiguous(memory_format=torch.channels_last)
+    if images.dim() >= 5:
+        return images.movedim(-3, -1).contiguous().movedim(-1, -3)
+    return images
+
+
+def channels_last_batch(batch: dict) -> dict:
+    """The batch with its float image tensors in channels-last layout (masks untouched)."""
+    return {k: (channels_last_images(v) if k.endswith("_images") and hasattr(v, "dim") else v)
+            for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------- the loop
@@ -207,6 +235,8 @@ def set_determinism(config: RunConfig, device) -> bool:
     mode = config.train.deterministic
     on = (device.type == "cpu") if mode == "auto" else mode == "on"
     torch.use_deterministic_algorithms(on, warn_only=True)
+    # cuDNN autotuning (fastest conv algorithms for the fixed episode size) unless determinism is asked for
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not on
     return on
 
 
@@ -229,8 +259,13 @@ def train_run(
     track: TrackFn | None = None,
     say: Callable[[str], None] | None = None,
     plots_dir: str | os.PathLike | None = None,
+    on_validation: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Train (or resume, or finish) the run in ``out``; returns the run summary.
+
+    ``on_validation(iteration, miou)`` is called after each validation check (sweeps
+    report it for pruning); an exception it raises (``optuna.TrialPruned``) stops the run
+    after the check was logged, as a kill would: rerunning resumes from the last checkpoint.
 
     ``plots_dir``: where copies of curves.csv and val.csv go at the end (DVC plots).
     ``stop_after`` (testing): checkpoint and return after that many iterations, as if
@@ -240,14 +275,18 @@ def train_run(
 
     from fss.models.checkpoints import save_model_file
     from pipeline import runs as R
-    from pipeline.config import resolve_device
     from pipeline.evaluate import validation_protocol, evaluate_model
     from pipeline.tracking import Tracker
 
-    say = say or (lambda m: None)
-    run = R.RunDir(out)
-    run.prepare(config)  # a rerun must match the saved config (operational keys aside)
-    device = resolve_device(config.train.device)
+    from pipeline import distributed as D
+
+    # torchrun: one process per device; rank 0 alone touches the run directory (see pipeline.distributed)
+    D.per_rank_batch_size(config.train.batch_size, D.launched_world_size())  # before any rank waits for another
+    ctx, device = D.setup_distributed(config.train.device, config.train.dist_backend, config.train.dist_timeout_minutes)
+    D.per_rank_batch_size(config.train.batch_size, ctx.world_size)
+    say = (say or (lambda m: None)) if ctx.is_main else (lambda m: None)
+    run = D.rank_run_dir(out, ctx)
+    D.on_main(lambda: run.prepare(config), ctx)  # a rerun must match the saved config (operational keys aside)
     deterministic = set_determinism(config, device)
 
     dataset = build_training_episodes(config)
@@ -267,21 +306,31 @@ def train_run(
 
     seed_everything(config.train.seed)
     model = build_model(config).to(device)
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
     say(f"train {config.group} fold {config.fold}: {total} iterations ({per_epoch} per epoch) on {device} -> {out}")
     say(config.to_yaml().rstrip())
 
-    curves = R.CsvLog(run.file(R.CURVES_FILE), ("iteration", "epoch", "lr"))
-    val_log = R.CsvLog(run.file(R.VAL_FILE), ("iteration", "epoch"))
+    if ctx.distributed:
+        say(f"torchrun: {ctx.world_size} processes ({ctx.backend}), {bs // ctx.world_size} episodes each per step of {bs}")
+    curves = R.CsvLog(run.file(R.CURVES_FILE), ("iteration", "epoch", "lr")) if ctx.is_main else D.NullLog()
+    val_log = R.CsvLog(run.file(R.VAL_FILE), ("iteration", "epoch")) if ctx.is_main else D.NullLog()
     start, best, window, elapsed_before = 0, {"miou": None, "iteration": None}, {}, 0.0
 
-    if run.checkpoint_file.is_file():
+    def read_checkpoint():
+        if not run.checkpoint_file.is_file():
+            return None
         blob = R.load_checkpoint(run.checkpoint_file)
         R.checkpoint_matches_model(blob, model, run.checkpoint_file)
         if blob["total_iterations"] != total:
             raise ConfigError(
                 f"{run.checkpoint_file} was written for {blob['total_iterations']} iterations, this run has {total}; choose a new --out."
             )
+        return blob
+
+    blob = D.on_main(read_checkpoint, ctx)  # torchrun: every rank resumes from rank 0's checkpoint
+    if blob is not None:
         model.load_state_dict(blob["model"])
         try:
             optimizer.load_state_dict(blob["optimizer"])
@@ -299,8 +348,11 @@ def train_run(
         val_log.reset()
         run.log(f"started: {config.method} {config.dataset} fold {config.fold} {config.shot}-shot, {total} iterations")
 
+    # the module called in training (DDP under torchrun); ``model`` stays the plain one that is saved
+    net = D.wrap_model(model, ctx, device, find_unused_parameters=config.train.ddp_find_unused_parameters,
+                       sync_batchnorm=config.train.sync_batchnorm)
     tracker = Tracker(
-        enabled=config.tracking.wandb, project=config.tracking.project, entity=config.tracking.entity,
+        enabled=config.tracking.wandb and ctx.is_main, project=config.tracking.project, entity=config.tracking.entity,
         group=config.group, job_type="train", name=f"fold{config.fold}", config=config.to_dict(),
         run_id=_wandb_id(run), init_timeout=config.tracking.init_timeout, warn=say,
     )
@@ -328,7 +380,7 @@ def train_run(
             result = evaluate_model(
                 model, val_data, val_protocol, shot=config.shot, device=device,
                 batch_size=config.test.batch_size, num_workers=config.data.num_workers,
-                precision=config.train.precision, ways=1,
+                precision=config.train.precision, ways=1, channels_last=config.train.channels_last,
             )
         model.train()
         row = {"iteration": iteration, "epoch": epoch, "val_miou": result["miou"], "val_fb_iou": result["fb_iou"],
@@ -340,6 +392,8 @@ def train_run(
             save_model_file(run.file(R.MODEL_BEST), model, method=config.method, backbone=config.backbone,
                             shot=config.shot, knobs=dict(config.knobs), source=f"run:{run.path}@{iteration}")
         run.log(f"validation at {iteration}: mIoU {result['miou']:.4f} FB-IoU {result['fb_iou']:.4f}")
+        if on_validation is not None:
+            on_validation(iteration, float(result["miou"]))
 
     model.train()
     done = start
@@ -352,19 +406,24 @@ def train_run(
             epoch, batch_index = divmod(it, per_epoch)
             if iterator is None or batch_index == 0:
                 iterator = iter(epoch_loader(dataset, epoch, batch_index, bs, config.data.num_workers,
-                                             pin=device.type == "cuda"))
+                                             pin=device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size))
             batch = to_device(next(iterator), device)
+            if config.train.channels_last:
+                batch = channels_last_batch(batch)
             lr = learning_rate(config, it, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if progress_hook is not None:
                 progress_hook(it / total)
+            if ctx.distributed:  # per-rank training randomness keyed by (seed, rank, iteration)
+                D.seed_rank_step(config.train.seed, ctx.rank, it)
             with autocast():
-                output = model(batch)
+                output = net(batch)
             loss = output.losses["loss"]
-            if not torch.isfinite(loss.detach()).all():
+            losses, _ = D.reduce_mean(output.losses, ctx)  # mean over ranks: the global batch's loss
+            if not math.isfinite(losses["loss"]):
                 raise ConfigError(
-                    f"the loss became {float(loss.detach())} at iteration {it}; lower optim.lr or check the data (run {out})."
+                    f"the loss became {losses['loss']} at iteration {it}; lower optim.lr or check the data (run {out})."
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -372,8 +431,8 @@ def train_run(
                 torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], config.train.grad_clip)
             optimizer.step()
 
-            for name, value in output.losses.items():
-                window[name] = window.get(name, 0.0) + float(value.detach())
+            for name, value in losses.items():
+                window[name] = window.get(name, 0.0) + value
             window["_n"] = window.get("_n", 0) + 1
             done = it + 1
             if done % config.train.log_every == 0 or done == total:
@@ -385,21 +444,24 @@ def train_run(
                 tracker.log({f"train/{k}": v for k, v in row.items() if k != "iteration"}, step=done)
                 window = {}
             if validate and ((val_every and done % val_every == 0) or done == total):
-                run_validation(done, epoch)
+                if ctx.is_main:  # torchrun: rank 0 validates, the others wait
+                    run_validation(done, epoch)
+                D.barrier(ctx)
+            stopping = D.any_rank(stop.signal is not None, ctx)  # every rank stops at the same step
             minutes = config.train.checkpoint_minutes
             due = (
                 done == total
                 or (config.train.checkpoint_every and done % config.train.checkpoint_every == 0)
                 or (minutes > 0 and time.monotonic() - last_checkpoint >= minutes * 60)
                 or (stop_after is not None and done >= stop_after)
-                or stop.signal is not None
+                or stopping
             )
-            if due:
+            if due and ctx.is_main:
                 save_state(done)
             if stop_after is not None and done >= stop_after and done < total:
                 stop_reason = f"stopped after iteration {done} (--stop-after)"
                 break
-            if stop.signal is not None and done < total:
+            if stopping and done < total:
                 stop_reason = f"interrupted by signal {stop.signal} at iteration {done}; checkpoint saved"
                 break
     if stop_reason is not None:
@@ -409,9 +471,13 @@ def train_run(
         return {"status": "stopped", "iteration": done, "total_iterations": total,
                 "signal": stop.signal}
 
+    if not ctx.is_main:  # torchrun: rank 0 writes the final files; the others wait for it
+        D.barrier(ctx)
+        return {"status": "done", "rank": ctx.rank, "world_size": ctx.world_size, "iterations": total}
     if start >= total:
         say(f"{out} was already trained ({total} iterations); writing its final files.")
-    summary = _finish(config, run, model, best, total, per_epoch, elapsed(), deterministic, device)
+    summary = _finish(config, run, model, best, total, per_epoch, elapsed(), deterministic, device,
+                      world_size=ctx.world_size)
     if not run.file(R.VAL_FILE).is_file():  # no validation: an empty table, so the file always exists
         R.atomic_write_text(run.file(R.VAL_FILE), "iteration,epoch,val_miou,val_fb_iou,val_episodes\n")
     if plots_dir is not None:
@@ -419,10 +485,12 @@ def train_run(
             R.atomic_write_text(Path(plots_dir) / name, run.file(name).read_text())
     tracker.summary({"final/" + k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     tracker.finish()
+    D.barrier(ctx)
     return summary
 
 
-def _finish(config: RunConfig, run, model, best, total, per_epoch, elapsed_s, deterministic, device) -> dict:
+def _finish(config: RunConfig, run, model, best, total, per_epoch, elapsed_s, deterministic, device,
+            world_size: int = 1) -> dict:
     """Final model files and summary (idempotent: redone when a finished run is rerun)."""
     from fss.models.checkpoints import save_model_file
     from pipeline import runs as R
@@ -462,6 +530,7 @@ def _finish(config: RunConfig, run, model, best, total, per_epoch, elapsed_s, de
                        "episodes": config.validation.episodes, "every": config.validation.every},
         "train_seconds": round(elapsed_s, 3),
         "device": str(device),
+        "world_size": world_size,  # torchrun processes (train.batch_size is their global batch)
         "deterministic_algorithms": deterministic,
     }
     R.write_json(run.file(R.SUMMARY_FILE), summary)
@@ -512,14 +581,25 @@ def train_command(
     """Train METHOD on one fold; the resolved config is saved in OUT and printed."""
     import json
 
+    from fss.errors import FSSError
+    from pipeline import distributed as D
     from pipeline.console import console, track
 
-    config = resolve_run_config(
-        method=method, dataset=dataset, fold=fold, shot=shot, backbone=backbone, iterations=iterations,
-        epochs=epochs, device=device, set_values=set_, params_path=params,
-    )
-    summary = train_run(config, out, stop_after=stop_after, track=track, plots_dir=plots_dir,
-                        say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
-    typer.echo(json.dumps(summary, sort_keys=True, default=str))
+    follower = D.launched_rank() > 0  # torchrun rank > 0: silent (rank 0 prints, logs and errors)
+    try:
+        config = resolve_run_config(
+            method=method, dataset=dataset, fold=fold, shot=shot, backbone=backbone, iterations=iterations,
+            epochs=epochs, device=device, set_values=set_, params_path=params,
+        )
+        summary = train_run(config, out, stop_after=stop_after, track=None if follower else track, plots_dir=plots_dir,
+                            say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
+    except FSSError:
+        if follower:
+            raise typer.Exit(2) from None  # the same one-line error is printed by rank 0
+        raise
+    finally:
+        D.teardown_distributed()
+    if not follower:
+        typer.echo(json.dumps(summary, sort_keys=True, default=str))
     if summary.get("status") == "stopped" and summary.get("signal") is not None:
         raise typer.Exit(130)  # interrupted: never report success (DVC must not record the outputs)

@@ -210,4 +210,7 @@ class APANet(PFENet):
             return feats.prior
         if self.agnostic_prior == "zero":
             return torch.zeros_like(feats.prior)
-        return prototype_cosine_prior(feats.query, expanded)
+        # Eq. 8-9 in float32 even under bf16 autocast: min-max stretching of bf16 cosines
+        # (8-bit mantissa) moves the prior by up to ~0.1
+        with torch.autocast(feats.query.device.type, enabled=False):
+            return prototype_cosine_prior(feats.query.float(), expanded.float())

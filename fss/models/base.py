@@ -84,3 +84,18 @@ class FSSModel(nn.Module):
     def trainable_parameters(self):
         """Parameters the optimiser updates (frozen backbone parts excluded)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def frozen_features(self, tag: str, compute, *key_inputs: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The one hook for backbone calls: ``compute(rows)`` -> tuple of ``[N, ...]`` tensors.
+
+        ``compute`` gets ``slice(None)`` (every row) or a row-index tensor and must return
+        outputs that depend only on the backbone's weights and the given rows of
+        ``key_inputs`` (the images, plus e.g. a resized support mask; None entries allowed).
+        Without an evaluation cache (``FeatureCache.attached``), in training mode or with
+        gradients enabled this is exactly ``compute(slice(None))``; otherwise rows are
+        served from / stored in the cache (see :mod:`fss.models.feature_cache`).
+        """
+        binding = self.__dict__.get("_feature_cache_binding")
+        if binding is None or self.training or torch.is_grad_enabled():
+            return tuple(compute(slice(None)))
+        return binding.run(tag, compute, key_inputs)

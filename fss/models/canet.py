@@ -176,11 +176,14 @@ class CANet(FSSModel):
     # ----------------------------------------------------------------- building blocks
     def backbone_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen ``layer2`` and ``layer3`` outputs (run without gradients)."""
-        with torch.no_grad():
-            x = self.backbone.layer0(images)
-            x = self.backbone.layer1(x)
-            layer2 = self.backbone.layer2(x)
-            layer3 = self.backbone.layer3(layer2)
+        bb = self.backbone
+
+        def stages(rows):
+            layer2 = bb.layer2(bb.layer1(bb.layer0(images[rows])))
+            return layer2, bb.layer3(layer2)
+
+        with torch.no_grad():  # frozen_features: the evaluation feature cache hook (base.py)
+            layer2, layer3 = self.frozen_features("canet.layer3", stages, images)
         return layer2, layer3
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:

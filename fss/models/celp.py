@@ -140,7 +140,9 @@ class CELP(PFENet):
     def contrastive_enhancement(self, feats: PFENetFeatures, base_masks: torch.Tensor):
         """CE (Eq. 8-10): the shared FEM/decoder with the latent prototype and its prior."""
         latent, pseudo = self.latent_prototype_sampling(feats, base_masks)
-        prior = prototype_cosine_prior(feats.query, latent)  # Eq. 8-9
+        # Eq. 8-9 in float32 even under bf16 autocast (min-max stretching of bf16 cosines is coarse)
+        with torch.autocast(feats.query.device.type, enabled=False):
+            prior = prototype_cosine_prior(feats.query.float(), latent.float())
         logits, _ = self.fem_decode(feats.query, latent, prior)  # Eq. 10
         return logits, pseudo
 

@@ -136,10 +136,15 @@ class PANet(FSSModel):
     # ----------------------------------------------------------------- building blocks
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone output (last stage) ``[N, C, h, w]``."""
-        x = images
-        for name in ("layer0", "layer1", "layer2", "layer3", "layer4"):
-            x = getattr(self.backbone, name)(x)
-        return x
+
+        def stages(rows):
+            x = images[rows]
+            for name in ("layer0", "layer1", "layer2", "layer3", "layer4"):
+                x = getattr(self.backbone, name)(x)
+            return (x,)
+
+        # frozen_features: the evaluation feature cache hook (base.py); a plain call in training
+        return self.frozen_features("panet.encode", stages, images)[0]
 
     def encode_episode(self, support_images: torch.Tensor, query_images: torch.Tensor):
         """One backbone call for supports ``[B,N,K,3,H,W]`` and queries ``[B,3,H,W]``."""

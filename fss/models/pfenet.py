@@ -205,11 +205,18 @@ class PFENet(FSSModel):
         multiplied by the mask resized to block 3's size, as in the reference.
         """
         bb = self.backbone
-        with torch.no_grad():
-            f2 = bb.layer2(bb.layer1(bb.layer0(images)))
-            f3 = bb.layer3(f2)
+
+        def mid(rows):
+            f2 = bb.layer2(bb.layer1(bb.layer0(images[rows])))
+            return f2, bb.layer3(f2)
+
+        def high(rows):
+            return (bb.layer4(f3[rows] if mask is None else f3[rows] * mask[rows]),)
+
+        with torch.no_grad():  # frozen_features: the evaluation feature cache hook (base.py)
+            f2, f3 = self.frozen_features("pfenet.mid", mid, images)
             mask = None if fg is None else resize_bilinear(fg, f3.shape[-2:])
-            f4 = bb.layer4(f3 if mask is None else f3 * mask)
+            (f4,) = self.frozen_features("pfenet.high", high, images, mask)
             f2 = resize_bilinear(f2, f3.shape[-2:])
         return f2, f3, f4, mask
 

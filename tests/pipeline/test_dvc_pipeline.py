@@ -23,7 +23,7 @@ METHODS = ["pfenet", "panet"]
 def _tiny_params() -> dict:
     p = yaml.safe_load(REPO_PARAMS.read_text())
     p["benchmark"].update(methods=METHODS, folds=[0], device="cpu")
-    p["prepare"].update(size=48, train_images=60, val_images=80)
+    p["prepare"].update(size=48, train_images=60, val_images=120)
     p["pretrain"].update(epochs=1, size=33, batch_size=8)
     syn = p["datasets"]["synthetic"]
     syn["data"]["train_size"] = 33
@@ -48,6 +48,7 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "fss", work / "fss", ignore=ignore)
     shutil.copytree(REPO / "pipeline", work / "pipeline", ignore=ignore)
+    shutil.copytree(REPO / "sweeps", work / "sweeps", ignore=ignore)
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
     (work / "params.yaml").write_text(yaml.safe_dump(_tiny_params(), sort_keys=False))
     dvc = str(Path(subprocess_env["PATH"].split(":")[0]) / "dvc")
@@ -56,7 +57,7 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
 
     stages = _run([dvc, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
     assert stages == ["prepare", "pretrain@0", "train@pfenet-0", "train@panet-0",
-                      "evaluate@pfenet-0", "evaluate@panet-0", "aggregate"]
+                      "evaluate@pfenet-0", "evaluate@panet-0", "aggregate", "sweep"]
 
     first = _run([dvc, "repro"], work, subprocess_env)
     for stage in stages:
@@ -73,6 +74,8 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
         assert (work / "plots" / "train" / f"{m}-fold0" / "curves.csv").is_file()
     results = (work / "results" / "results.csv").read_text().splitlines()
     assert results[0].startswith("method,dataset,backbone,shot,fold,miou,fb_iou") and len(results) == 5
+    sweep_table = work / "results" / "sweeps" / "embedded_apanet_lambda" / "table.md"
+    assert sweep_table.is_file() and "0.5" in sweep_table.read_text()
     lock = yaml.safe_load((work / "dvc.lock").read_text())
     assert lock["stages"]["train@panet-0"]["params"]["params.yaml"]["methods.panet"]["knobs"]["lambda_par"] == 1.0
 

@@ -1,0 +1,53 @@
+"""Helpers of the feature-cache tests."""
+
+from __future__ import annotations
+
+import torch
+
+#: knobs that keep each method's heads small (the backbone is the "small" one)
+SMALL_KNOBS = {"pfenet": {"reduce_dim": 16}, "apanet": {"reduce_dim": 16}, "celp": {"reduce_dim": 16}}
+CPU = torch.device("cpu")
+
+
+def small_model(method: str, shot: int = 1, seed: int = 0):
+    from fss.models.registry import create_model
+
+    torch.manual_seed(seed)
+    return create_model(method, backbone="small", shot=shot, **SMALL_KNOBS.get(method, {})).eval()
+
+
+def protocol(episodes: int = 6, size: int = 33):
+    from pipeline.evaluate import make_protocol
+
+    return make_protocol("pfenet", "synthetic", episodes=episodes, size=size)
+
+
+def evaluate(model, data, proto, *, shot: int = 1, cache=None, batch_size: int = 3, num_workers: int = 0,
+             precision: str = "fp32") -> dict:
+    from pipeline.evaluate import evaluate_model
+
+    return evaluate_model(model, data, proto, shot=shot, device=CPU, batch_size=batch_size,
+                          num_workers=num_workers, feature_cache=cache, precision=precision)
+
+
+def metrics(result: dict) -> tuple:
+    return result["miou"], result["fb_iou"], result["class_iou"], result["episodes"]
+
+
+def run_cli(args: list, capsys) -> tuple[int, str, str]:
+    """The `fss` entry point in-process (its one-line error handling included)."""
+    import sys
+
+    from pipeline.cli import main
+
+    old = sys.argv
+    sys.argv = ["fss", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
