@@ -12,24 +12,13 @@ from fss.models import create_model
 from fss.models.canet import CANET_MAP_EPS
 from fss.models.simpropnet import FBAFusion, fg_bg_attention, pairwise_normalise, similarity_attention
 
+from tests.models.episodes import random_episode
+
 H = W = 33
 
 
-
-
 def _episode(b=2, shot=1, seed=0, size=H):
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.randint(0, 2, (b, shot, size, size), generator=g)
-    masks[..., :4, :] = 255
-    masks[..., 8:20, 8:20] = 1
-    query = torch.randint(0, 2, (b, size, size), generator=g)
-    query[:, -3:, :] = 255
-    return {
-        "support_images": torch.randn(b, shot, 3, size, size, generator=g),
-        "support_masks": masks,
-        "query_images": torch.randn(b, 3, size, size, generator=g),
-        "query_masks": query,
-    }
+    return random_episode(b, shot, seed, size)
 
 
 def _model(seed=0, shot=1, **knobs):
