@@ -36,18 +36,6 @@ def metrics(result: dict) -> tuple:
 
 def run_cli(args: list, capsys) -> tuple[int, str, str]:
     """The `fss` entry point in-process (its one-line error handling included)."""
-    import sys
+    from tests.pipeline.pipeline_helpers import run_fss
 
-    from pipeline.cli import main
-
-    old = sys.argv
-    sys.argv = ["fss", *map(str, args)]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_fss(args, capsys)
