@@ -17,32 +17,11 @@ from pipeline.sweep_storage import normalize_storage, open_storage
 from pipeline.sweep_study import load_study
 
 from conftest import FSS, write_study
+from tests.pipeline.pipeline_helpers import assert_one_line_error as one_line_error
+from tests.pipeline.pipeline_helpers import run_fss as run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
-
-
-def run_cli(args, capsys):
-    from pipeline.cli import main
-
-    old, sys.argv = sys.argv, ["fss", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_error(code, err, *needles):
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.stem)
