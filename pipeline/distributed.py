@@ -353,16 +353,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def any_rank(flag: bool, ctx: DistContext) -> bool:
-    """True on every rank when ``flag`` is true on at least one (a stop signal seen by some)."""
-    if not ctx.distributed:
-        return bool(flag)
-    device = torch.device("cuda", torch.cuda.current_device()) if ctx.backend == "nccl" else torch.device("cpu")
-    buf = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(buf)
-    return buf.item() > 0
-
-
 # ---------------------------------------------------------------- what ranks other than 0 write: nothing
 
 

@@ -420,7 +420,9 @@ def train_run(
             with autocast():
                 output = net(batch)
             loss = output.losses["loss"]
-            losses, _ = D.reduce_mean(output.losses, ctx)  # mean over ranks: the global batch's loss
+            # mean over ranks of the losses (the global batch's loss) and, in the same all-reduce,
+            # whether any rank got a stop signal: every rank stops at the same step
+            losses, stopping = D.reduce_mean(output.losses, ctx, flag=stop.signal is not None)
             if not math.isfinite(losses["loss"]):
                 raise ConfigError(
                     f"the loss became {losses['loss']} at iteration {it}; lower optim.lr or check the data (run {out})."
@@ -447,7 +449,6 @@ def train_run(
                 if ctx.is_main:  # torchrun: rank 0 validates, the others wait
                     run_validation(done, epoch)
                 D.barrier(ctx)
-            stopping = D.any_rank(stop.signal is not None, ctx)  # every rank stops at the same step
             minutes = config.train.checkpoint_minutes
             due = (
                 done == total
