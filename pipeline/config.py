@@ -99,6 +99,7 @@ class TrainLoopConfig:
     device: str = _opt("auto", "auto (cuda if available), cpu or cuda", choices=DEVICES)
     precision: str = _opt("fp32", "fp32, or bf16 autocast (CPU and GPU) in training, validation and evaluation", choices=("fp32", "bf16"))
     channels_last: bool = _opt(False, "channels_last memory format for the model and the input images (train and evaluation); default false")
+    num_threads: int = _opt(0, "torch intra-op CPU threads of the training process (validation included; fss evaluate keeps torch's default); 0 = torch's default (one per core)", low=0, high=1024)
     deterministic: str = _opt("auto", "torch.use_deterministic_algorithms: auto = on for CPU, off for CUDA", choices=("auto", "on", "off"))
     log_every: int = _opt(10, "iterations per row of curves.csv (losses averaged over the window)", low=1)
     checkpoint_minutes: float = _opt(5.0, "write the resume checkpoint after this many minutes of work", low=0.0)
@@ -134,6 +135,7 @@ class TestConfig:
     size: int | None = _opt(None, "test input side; null = the preset's (473, 641, 400, 417, 321)", low=9)
     runs: int | None = _opt(None, "runs (seeds by the preset's rule); null = the preset's", low=1)
     batch_size: int = _opt(1, "episodes per forward pass at test time", low=1)
+    num_workers: int | None = _opt(None, "DataLoader workers of evaluation and validation; null = data.num_workers", low=0, high=64)
     feature_cache: bool = _opt(True, "reuse the frozen backbone's features of an image across episodes and shots of one 'fss evaluate' (identical metrics); default true")
     feature_cache_mb: int = _opt(2048, "memory bound of the evaluation feature cache in MiB (least recently used evicted)", low=1)
     feature_cache_dir: str | None = _opt(None, "also keep evaluation features on disk here, shared between processes (unbounded); null = memory only")
@@ -166,6 +168,7 @@ SECTIONS: dict[str, type] = {
 OPERATIONAL_KEYS = (
     "train.device",
     "train.channels_last",
+    "train.num_threads",
     "train.dist_backend",
     "train.dist_timeout_minutes",
     "train.ddp_find_unused_parameters",

@@ -448,7 +448,8 @@ def evaluate_command(
         test_cfg, tracking = config.test, config.tracking
         if device is None:
             device = config.train.device
-        workers = config.data.num_workers if num_workers is None else num_workers
+        workers = config.test.num_workers if config.test.num_workers is not None else config.data.num_workers
+        workers = workers if num_workers is None else num_workers
         precision = config.train.precision
         channels_last = config.train.channels_last
         group_shot = config.shot
@@ -462,7 +463,7 @@ def evaluate_command(
         p, _ = load_params(params)
         ds_name, fold_, root_, conv = dataset, fold, root, convention
         test_cfg, tracking = eval_defaults(p, dataset), tracking_defaults(p, dataset)
-        workers = num_workers or 0
+        workers = num_workers if num_workers is not None else (test_cfg.num_workers or 0)
         precision = "fp32"
         channels_last = False
         group_shot = None
@@ -477,6 +478,8 @@ def evaluate_command(
         size=size if size is not None else test_cfg.size, runs=runs if runs is not None else test_cfg.runs, seed=seed,
     )
     data = open_prepared(root_, fold_, "val", conv, dataset=ds_name, cache=cache)
+    if cache and workers > 0:
+        data.preload()
     if len(shot) > 1 and out is not None and "{shot}" not in str(out):
         raise ConfigError(f"--out {out} must contain {{shot}} when several --shot values are given.")
     bs = batch_size or test_cfg.batch_size

@@ -1,4 +1,4 @@
-"""Figures (matplotlib, Agg backend, PNG): sample episodes, training curves, result charts."""
+"""Figures (PNG): sample episodes (PIL), training curves and result charts (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -46,13 +46,58 @@ def _save(fig, path: str | os.PathLike, dpi: int = 110) -> None:
             os.unlink(tmp)
 
 
+#: side in pixels of one panel of the episode figure (images are fitted into it)
+PANEL = 192
+
+
+def _fit_panel(rgb: np.ndarray, side: int = PANEL) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """``rgb`` (float 0..1, HxWx3) scaled by nearest neighbour into a white ``side`` square;
+    returns the panel (uint8), the scale and the top-left offset of the image in it."""
+    h, w = rgb.shape[:2]
+    scale = side / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    rows = np.minimum((np.arange(nh) / scale).astype(int), h - 1)
+    cols = np.minimum((np.arange(nw) / scale).astype(int), w - 1)
+    panel = np.full((side, side, 3), 255, dtype=np.uint8)
+    top, left = (side - nh) // 2, (side - nw) // 2
+    panel[top:top + nh, left:left + nw] = (rgb[rows][:, cols] * 255 + 0.5).astype(np.uint8)
+    return panel, scale, (top, left)
+
+
+def _outline(panel: np.ndarray, mask: np.ndarray, scale: float, offset: tuple[int, int]) -> None:
+    """Draw the border of ``mask == 1`` (nearest-neighbour scaled like the image) in yellow."""
+    h, w = mask.shape
+    rows = np.minimum((np.arange(round(h * scale)) / scale).astype(int), h - 1)
+    cols = np.minimum((np.arange(round(w * scale)) / scale).astype(int), w - 1)
+    fg = (mask == 1)[rows][:, cols]
+    inner = fg.copy()
+    inner[1:] &= fg[:-1]
+    inner[:-1] &= fg[1:]
+    inner[:, 1:] &= fg[:, :-1]
+    inner[:, :-1] &= fg[:, 1:]
+    edge = fg & ~inner
+    top, left = offset
+    view = panel[top:top + fg.shape[0], left:left + fg.shape[1]]
+    view[edge] = (255, 230, 0)
+
+
 def episode_figure(samples: Sequence[Mapping], path: str | os.PathLike, title: str = "",
                    class_names: Mapping[int, str] | None = None) -> None:
-    """One row per episode: support (mask overlaid), query, ground truth, prediction."""
-    plt = _plt()
-    rows = len(samples)
-    fig, axes = plt.subplots(rows, 4, figsize=(8, 2.1 * rows + 0.4), squeeze=False)
+    """One row per episode: support (mask overlaid), query, ground truth, prediction.
+
+    Drawn with PIL rather than matplotlib: every ``fss evaluate`` writes one per shot, and
+    importing and laying out matplotlib cost about 2 s per evaluation process.
+    """
+    from PIL import Image, ImageDraw
+
+    from fss.atomic import atomic_path
+
     heads = ("support + mask", "query", "ground truth", "prediction")
+    label_w, head_h, title_h, gap = 96, 18, 22 if title else 0, 4
+    rows = len(samples)
+    width = label_w + 4 * (PANEL + gap)
+    height = title_h + head_h + rows * (PANEL + gap)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
     for r, s in enumerate(samples):
         panels = (
             (s["support"], s["support_mask"]),
@@ -60,21 +105,28 @@ def episode_figure(samples: Sequence[Mapping], path: str | os.PathLike, title: s
             (s["query"], s["ground_truth"]),
             (s["query"], s["prediction"]),
         )
+        y = title_h + head_h + r * (PANEL + gap)
         for c, (image, mask) in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(image if mask is None else overlay(image, mask))
-            if mask is not None and (mask == 1).any():
-                ax.contour((mask == 1).astype(float), levels=[0.5], colors=["yellow"], linewidths=0.9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(heads[c], fontsize=9)
-        name = (class_names or {}).get(s["class_id"], "")
-        axes[r, 0].set_ylabel(f"ep {s['episode']}\nclass {s['class_id']}\n{name}", fontsize=7)
+            rgb = image.astype(np.float32) / 255.0 if mask is None else overlay(image, mask)
+            panel, scale, offset = _fit_panel(rgb)
+            if mask is not None:
+                _outline(panel, mask, scale, offset)
+            x = label_w + c * (PANEL + gap)
+            canvas[y:y + PANEL, x:x + PANEL] = panel
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
     if title:
-        fig.suptitle(title, fontsize=9)
-    _save(fig, path)
-    plt.close(fig)
+        draw.text((4, 4), title, fill=(0, 0, 0))
+    for c, head in enumerate(heads):
+        draw.text((label_w + c * (PANEL + gap) + 4, title_h + 3), head, fill=(0, 0, 0))
+    for r, s in enumerate(samples):
+        name = (class_names or {}).get(s["class_id"], "")
+        y = title_h + head_h + r * (PANEL + gap) + 4
+        draw.multiline_text((4, y), f"ep {s['episode']}\nclass {s['class_id']}\n{name}", fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
 
 
 def curves_figure(curves_csv: str | os.PathLike, path: str | os.PathLike, val_csv: str | os.PathLike | None = None,

@@ -71,9 +71,11 @@ def make_optimizer(config: RunConfig, model):
     if not params:
         raise ConfigError(f"method {config.method} has no trainable parameter with these knobs; nothing to train.")
     o = config.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                               nesterov=o.nesterov and o.momentum > 0)
+    if o.name == "sgd":  # torch.optim.SGD's arithmetic without importing torch._dynamo (pipeline/optim.py)
+        from pipeline.optim import SGD
+
+        return SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                   nesterov=o.nesterov and o.momentum > 0)
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
@@ -86,8 +88,9 @@ def open_prepared(root, fold: int, split: str, convention: str | None = None, *,
                   cache: bool = False):
     """A fold's prepared list (``train``: base classes, ``val``: novel classes).
 
-    ``cache``: decoded images and masks are kept in memory (each DataLoader worker keeps
-    its own copy), for small datasets such as the synthetic benchmark.
+    ``cache``: decoded images and masks are kept in memory, for small datasets such as the
+    synthetic benchmark (``preload()`` decodes them all at once, before DataLoader workers
+    are forked, so that the workers share them instead of each decoding its own copy).
     """
     from fss.data.prepared import PreparedDataset
 
@@ -115,13 +118,20 @@ def _cached_dataset_class():
                 cache[i] = (image, mask)
             return cache[i]
 
+        def preload(self) -> None:
+            for i in range(len(self)):
+                self.load(i)
+
     return CachedPreparedDataset
 
 
 def open_split(config: RunConfig, split: str):
     """The run's fold list ``split`` (checked to hold the run's dataset)."""
-    return open_prepared(config.data.root, config.fold, split, config.data.convention, dataset=config.dataset,
+    data = open_prepared(config.data.root, config.fold, split, config.data.convention, dataset=config.dataset,
                          cache=config.data.cache_images)
+    if config.data.cache_images and config.data.num_workers > 0:
+        data.preload()  # decoded once, shared by the forked workers
+    return data
 
 
 def training_ways(config: RunConfig) -> int:
@@ -163,7 +173,19 @@ def epoch_loader(dataset, epoch: int, first_batch: int, batch_size: int, num_wor
     return DataLoader(
         dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_episodes,
         pin_memory=pin, persistent_workers=False, generator=torch.Generator().manual_seed(0),
+        worker_init_fn=worker_ignores_stop_signals if num_workers > 0 else None,
     )
+
+
+def worker_ignores_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the training process: a Ctrl-C or a kill
+    of the process group (torchrun, a scheduler) then ends with the checkpoint the training
+    loop writes, instead of a "DataLoader worker killed" error; the loader stops its workers
+    when the loop returns."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -229,15 +251,42 @@ def build_model(config: RunConfig, shot: int | None = None, with_weights: bool =
     )
 
 
+def set_deterministic_algorithms(on: bool) -> None:
+    """``torch.use_deterministic_algorithms(on, warn_only=True)`` without importing the compiler.
+
+    The public function first imports ``torch._inductor`` (3.6 s per process on a 2-core
+    machine, more than a whole embedded training run's set-up) only to copy the flag into
+    torch.compile's config; nothing here compiles, so the flag is set directly, unless the
+    compiler is already loaded.
+    """
+    import sys
+
+    import torch
+
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(on, warn_only=True)
+    else:
+        setter(on, warn_only=True)
+
+
 def set_determinism(config: RunConfig, device) -> bool:
     import torch
 
     mode = config.train.deterministic
     on = (device.type == "cpu") if mode == "auto" else mode == "on"
-    torch.use_deterministic_algorithms(on, warn_only=True)
+    set_deterministic_algorithms(on)
     # cuDNN autotuning (fastest conv algorithms for the fixed episode size) unless determinism is asked for
     torch.backends.cudnn.benchmark = device.type == "cuda" and not on
     return on
+
+
+def set_threads(count: int) -> None:
+    """``train.num_threads``: torch's intra-op threads (0 keeps torch's default)."""
+    import torch
+
+    if count > 0 and torch.get_num_threads() != count:
+        torch.set_num_threads(count)
 
 
 def seed_everything(seed: int) -> None:
@@ -288,6 +337,7 @@ def train_run(
     run = D.rank_run_dir(out, ctx)
     D.on_main(lambda: run.prepare(config), ctx)  # a rerun must match the saved config (operational keys aside)
     deterministic = set_determinism(config, device)
+    set_threads(config.train.num_threads)
 
     dataset = build_training_episodes(config)
     bs = config.train.batch_size
@@ -379,7 +429,8 @@ def train_run(
         with R.rng_preserved():
             result = evaluate_model(
                 model, val_data, val_protocol, shot=config.shot, device=device,
-                batch_size=config.test.batch_size, num_workers=config.data.num_workers,
+                batch_size=config.test.batch_size,
+                num_workers=config.data.num_workers if config.test.num_workers is None else config.test.num_workers,
                 precision=config.train.precision, ways=1, channels_last=config.train.channels_last,
             )
         model.train()

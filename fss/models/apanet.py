@@ -132,13 +132,19 @@ class APANet(PFENet):
     def forward_train(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         query_images, query_masks = batch["query_images"], batch["query_masks"]
         feats = self.extract_features(batch["support_images"], batch["support_masks"], query_images)
-        low, aux = self.fem_decode(feats.query, feats.prototype, feats.prior)  # Eq. 2-3
-        logits = resize_bilinear(low, query_images.shape[-2:])
-        losses = self.segmentation_losses(logits, aux, query_masks)
         if not self.class_agnostic_enabled:
+            low, aux = self.fem_decode(feats.query, feats.prototype, feats.prior)  # Eq. 2-3
+            logits = resize_bilinear(low, query_images.shape[-2:])
+            losses = self.segmentation_losses(logits, aux, query_masks)
             losses["loss"] = losses["main"] + self.aux_weight * losses["aux"]
             return ModelOutput(logits=logits, losses=losses)
-        agnostic = resize_bilinear(self.class_agnostic_branch(feats, query_masks), query_images.shape[-2:])
+        # both branches through the shared g_phi in one batched pass (Eq. 2-3 and Eq. 7-8)
+        (low, aux), (agnostic, _) = self.fem_decode_many(
+            feats.query, [(feats.prototype, feats.prior), self.class_agnostic_inputs(feats, query_masks)]
+        )
+        logits = resize_bilinear(low, query_images.shape[-2:])
+        losses = self.segmentation_losses(logits, aux, query_masks)
+        agnostic = resize_bilinear(agnostic, query_images.shape[-2:])
         losses["class_agnostic"] = cross_entropy_ignore(agnostic, class_agnostic_target(query_masks))
         losses["loss"] = (  # Eq. 9 (+ PFENet's aux losses on the class-specific branch)
             (1 - self.lam) * losses["main"] + self.lam * losses["class_agnostic"] + self.aux_weight * losses["aux"]
@@ -146,12 +152,15 @@ class APANet(PFENet):
         return ModelOutput(logits=logits, losses=losses)
 
     # -- class-agnostic branch (training only) ---------------------------------------------
-    def class_agnostic_branch(self, feats: PFENetFeatures, query_masks: torch.Tensor) -> torch.Tensor:
-        """M_qq = g_phi(concat(E_q(p_q), F_q)) at feature resolution (Eq. 7-8)."""
+    def class_agnostic_inputs(self, feats: PFENetFeatures, query_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E_q(p_q), prior)``, the input of g_phi in the class-agnostic branch (Eq. 7)."""
         fg, ignore = query_regions(query_masks, feats.query.shape[-2:])
         expanded = self.expanded_prototypes(feats, fg, ignore)
-        prior = self.class_agnostic_prior(feats, expanded)
-        logits, _ = self.fem_decode(feats.query, expanded, prior)
+        return expanded, self.class_agnostic_prior(feats, expanded)
+
+    def class_agnostic_branch(self, feats: PFENetFeatures, query_masks: torch.Tensor) -> torch.Tensor:
+        """M_qq = g_phi(concat(E_q(p_q), F_q)) at feature resolution (Eq. 7-8), on its own."""
+        logits, _ = self.fem_decode(feats.query, *self.class_agnostic_inputs(feats, query_masks))
         return logits
 
     def expanded_prototypes(self, feats: PFENetFeatures, fg: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,11 @@ IGNORE_INDEX = 255
 CANET_BACKBONES = ("resnet50", "resnet101", "resnet50v2", "resnet101v2", "small")
 
 CANET_KNOBS = {
+    "channels": Knob(
+        256, int, low=4, high=2048,
+        help="width of the reduced features, dense comparison, IOM and ASPP head (reference 256; "
+        "the embedded synthetic benchmark uses 64)",
+    ),
     "iom_iterations": Knob(
         4, int, low=1, high=10,
         help="decoder passes at test time, each feeding back the previous softmax (first pass: "
@@ -125,7 +130,7 @@ def _split_episode(support_images: torch.Tensor, support_masks: torch.Tensor, me
 class CANet(FSSModel):
     """CANet: dense comparison of a support prototype with the query + iterative optimisation."""
 
-    feature_channels = 256
+    feature_channels = 256  # the reference's width; knob ``channels``
     num_history_channels = 2
 
     def __init__(
@@ -138,8 +143,10 @@ class CANet(FSSModel):
         history_prob: float = 0.3,
         train_history_steps: int = 1,
         backbone_bn_train: bool = False,
+        channels: int = 256,
     ) -> None:
         super().__init__()
+        self.feature_channels = int(channels)
         self.shot = shot
         self.iom_iterations = iom_iterations
         self.history_mode = history_mode

@@ -110,17 +110,23 @@ class CELP(PFENet):
     def forward_train(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         query_images, query_masks = batch["query_images"], batch["query_masks"]
         feats = self.extract_features(batch["support_images"], batch["support_masks"], query_images)
-        low, aux = self.fem_decode(feats.query, feats.prototype, feats.prior)
-        logits = resize_bilinear(low, query_images.shape[-2:])
-        losses = self.segmentation_losses(logits, aux, query_masks)
-        losses["loss"] = losses["main"] + self.aux_weight * losses["aux"]
+        pairs = [(feats.prototype, feats.prior)]
         if self.ce_weight > 0:
             if "query_base_masks" not in batch:
                 raise DataError(
                     "CELP training needs the batch key 'query_base_masks' (1 on every base class in the query); "
                     "use an episode dataset that provides it or set ce_weight=0."
                 )
-            contrast_logits, pseudo = self.contrastive_enhancement(feats, batch["query_base_masks"])
+            latent, latent_prior, pseudo = self.contrastive_inputs(feats, batch["query_base_masks"])
+            pairs.append((latent, latent_prior))
+        # the main branch and CE through the shared FEM/decoder in one batched pass (Eq. 10)
+        decoded = self.fem_decode_many(feats.query, pairs)
+        low, aux = decoded[0]
+        logits = resize_bilinear(low, query_images.shape[-2:])
+        losses = self.segmentation_losses(logits, aux, query_masks)
+        losses["loss"] = losses["main"] + self.aux_weight * losses["aux"]
+        if self.ce_weight > 0:
+            contrast_logits = decoded[1][0]
             losses["contrast"] = cross_entropy_ignore(resize_bilinear(contrast_logits, pseudo.shape[-2:]), pseudo)
             losses["loss"] = losses["loss"] + self.ce_weight * losses["contrast"]  # Eq. 13
         return ModelOutput(logits=logits, losses=losses)
@@ -137,12 +143,17 @@ class CELP(PFENet):
         pseudo = latent_pseudo_mask(region[:, 0], base_masks, found)  # Eq. 4-6
         return latent, pseudo
 
-    def contrastive_enhancement(self, feats: PFENetFeatures, base_masks: torch.Tensor):
-        """CE (Eq. 8-10): the shared FEM/decoder with the latent prototype and its prior."""
+    def contrastive_inputs(self, feats: PFENetFeatures, base_masks: torch.Tensor):
+        """The latent prototype v_l, its prior (Eq. 8-9) and the pseudo mask M_q'."""
         latent, pseudo = self.latent_prototype_sampling(feats, base_masks)
         # Eq. 8-9 in float32 even under bf16 autocast (min-max stretching of bf16 cosines is coarse)
         with torch.autocast(feats.query.device.type, enabled=False):
             prior = prototype_cosine_prior(feats.query.float(), latent.float())
+        return latent, prior, pseudo
+
+    def contrastive_enhancement(self, feats: PFENetFeatures, base_masks: torch.Tensor):
+        """CE (Eq. 8-10) on its own: the shared FEM/decoder with the latent prototype and its prior."""
+        latent, prior, pseudo = self.contrastive_inputs(feats, base_masks)
         logits, _ = self.fem_decode(feats.query, latent, prior)  # Eq. 10
         return logits, pseudo
 

@@ -132,6 +132,8 @@ DPNET_KNOBS = {
                        "unspecified; default False = separate weights)"),
     "backbone_bn_train": Knob(False, bool, "compatibility: frozen backbone BatchNorm in train mode "
                               "(batch statistics); default False = eval mode"),
+    "channels": Knob(256, int, "width of the reduced features, MSF and ASPP decoders (paper 256; the "
+                     "embedded synthetic benchmark uses 64)", low=4, high=2048),
 }
 
 
@@ -284,7 +286,7 @@ class MultiScaleFusion(nn.Module):
 class DPNet(FSSModel):
     """DPNet: support prototype + query pseudo-prototype (CCM), PIM, MSF, ASPP decoder."""
 
-    feature_channels = 256
+    feature_channels = 256  # the reference's width; knob ``channels``
 
     def __init__(
         self,
@@ -309,8 +311,10 @@ class DPNet(FSSModel):
         dis_hidden: int = 64,
         msf_shared: bool = False,
         backbone_bn_train: bool = False,
+        channels: int = 256,
     ) -> None:
         super().__init__()
+        self.feature_channels = int(channels)
         name = self.method_name
         if pseudo_prototype not in PSEUDO_PROTOTYPES:
             raise ConfigError(f"knob 'pseudo_prototype' of method '{name}' got {pseudo_prototype!r}; "

@@ -268,18 +268,33 @@ class PFENet(FSSModel):
         ``prior [B, 1, h, w]``. Returns feature-resolution logits ``[B, 2, h, w]`` and the
         per-bin auxiliary logits (``[B, 2, bin, bin]`` each).
         """
+        ((logits, aux),) = self.fem_decode_many(query, [(prototype, prior)])
+        return logits, aux
+
+    def fem_decode_many(
+        self, query: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """:meth:`fem_decode` of the same query features with several ``(prototype, prior)``
+        pairs (APANet's and CELP's second, training-only pass through g_phi), run as one
+        batch of ``len(pairs) * B`` after the per-pair 1x1 merge: the same function, with
+        fewer and larger convolutions. Returns one ``(logits, aux)`` per pair.
+        """
         h, w = query.shape[-2:]
-        prior = prior.to(query.dtype)
+        count = len(pairs)
         merged: list[torch.Tensor] = []
         aux: list[torch.Tensor] = []
         for idx, spec in enumerate(self.pyramid_bins):
             side = bin_side(spec, h)
             query_bin = F.adaptive_avg_pool2d(query, side)
-            if prototype.dim() == 2:
-                proto_bin = prototype[..., None, None].expand(-1, -1, side, side)
-            else:
-                proto_bin = F.adaptive_avg_pool2d(prototype, side)
-            x = self.init_merge[idx](torch.cat([query_bin, proto_bin.to(query.dtype), resize_bilinear(prior, (side, side))], 1))
+            inputs = []
+            for prototype, prior in pairs:
+                if prototype.dim() == 2:
+                    proto_bin = prototype[..., None, None].expand(-1, -1, side, side)
+                else:
+                    proto_bin = F.adaptive_avg_pool2d(prototype, side)
+                prior_bin = resize_bilinear(prior.to(query.dtype), (side, side))
+                inputs.append(torch.cat([query_bin, proto_bin.to(query.dtype), prior_bin], 1))
+            x = self.init_merge[idx](inputs[0] if count == 1 else torch.cat(inputs, 0))
             if idx > 0:
                 previous = resize_bilinear(merged[-1], (side, side))
                 x = self.alpha_conv[idx - 1](torch.cat([x, previous], dim=1)) + x
@@ -288,7 +303,11 @@ class PFENet(FSSModel):
             merged.append(resize_bilinear(x, (h, w)))
         x = self.res1(torch.cat(merged, dim=1))
         x = self.res2(x) + x
-        return self.cls(x), aux
+        logits = self.cls(x)
+        if count == 1:
+            return [(logits, aux)]
+        per_pair_aux = [a.chunk(count, 0) for a in aux]
+        return [(part, [a[i] for a in per_pair_aux]) for i, part in enumerate(logits.chunk(count, 0))]
 
     # -- losses and the two forwards -------------------------------------------------------
     def segmentation_losses(

@@ -112,6 +112,28 @@ def test_fem_decode_accepts_a_per_location_prototype_map():
     assert [a.shape[-1] for a in aux] == [6, 3, 5]  # absolute 6 and 3, fraction 1.0 of side 5
 
 
+def test_fem_decode_many_is_fem_decode_per_pair():
+    """APANet's and CELP's batched second pass through g_phi gives each pair's own result."""
+    model = create_model("pfenet", backbone="small", **TINY).eval()
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 16, 5, 5, generator=g)
+    pairs = [
+        (torch.randn(2, 16, generator=g), torch.rand(2, 1, 5, 5, generator=g)),
+        (torch.randn(2, 16, 5, 5, generator=g), torch.rand(2, 1, 5, 5, generator=g)),
+        (torch.randn(2, 16, generator=g), torch.rand(2, 1, 5, 5, generator=g)),
+    ]
+    with torch.no_grad():
+        together = model.fem_decode_many(query, pairs)
+        alone = [model.fem_decode(query, proto, prior) for proto, prior in pairs]
+    assert len(together) == 3
+    for (logits, aux), (ref_logits, ref_aux) in zip(together, alone):
+        assert logits.shape == ref_logits.shape == (2, 2, 5, 5)
+        assert torch.allclose(logits, ref_logits, atol=1e-5)
+        assert len(aux) == len(ref_aux) == 3
+        for a, r in zip(aux, ref_aux):
+            assert torch.allclose(a, r, atol=1e-5)
+
+
 def test_pyramid_bins_absolute_and_fractions():
     assert parse_pyramid_bins([60, 30, 15, 8]) == (60, 30, 15, 8)
     assert parse_pyramid_bins("coco") == (1.0, 0.5, 0.25, 0.125)

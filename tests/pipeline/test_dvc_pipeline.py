@@ -22,7 +22,7 @@ METHODS = ["pfenet", "panet"]
 
 def _tiny_params() -> dict:
     p = yaml.safe_load(REPO_PARAMS.read_text())
-    p["benchmark"].update(methods=METHODS, folds=[0], device="cpu")
+    p["benchmark"].update(methods=METHODS, folds=[0], pretrain_folds=[0], device="cpu")
     p["prepare"].update(size=48, train_images=60, val_images=120)
     p["pretrain"].update(epochs=1, size=33, batch_size=8)
     syn = p["datasets"]["synthetic"]
@@ -57,7 +57,7 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
 
     stages = _run([dvc, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
     assert stages == ["prepare", "pretrain@0", "train@pfenet-0", "train@panet-0",
-                      "evaluate@pfenet-0", "evaluate@panet-0", "aggregate", "sweep"]
+                      "evaluate@pfenet-0", "evaluate@panet-0", "aggregate", "sweep@embedded_apanet_lambda"]
 
     first = _run([dvc, "repro"], work, subprocess_env)
     for stage in stages:
@@ -91,3 +91,29 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
     dry = _run([dvc, "repro", "--dry"], work, subprocess_env).stdout
     ran = [line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")]
     assert "train@panet-0" in ran and not any("pfenet" in s for s in ran)
+
+
+def test_real_data_grid_has_no_synthetic_stages(tmp_path, subprocess_env, monkeypatch):
+    """Pointed at prepared real data with a downloaded backbone (README "Real data"), the graph
+    pretrains nothing and runs no embedded sweep; the stages read the real root and weights."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    p = yaml.safe_load(REPO_PARAMS.read_text())
+    p["benchmark"].update(dataset="pascal", root="data/pascal", backbone="resnet50v2",
+                          weights="pretrained/resnet50_v2.pth", folds=[0, 1], methods=["apanet"],
+                          pretrain_folds=[], sweeps={}, device="cuda")
+    (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    dvc = str(Path(subprocess_env["PATH"].split(":")[0]) / "dvc")
+    _run(["git", "init", "-q"], work, subprocess_env)
+    _run([dvc, "init", "-q"], work, subprocess_env)
+    stages = _run([dvc, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
+    assert stages == ["prepare", "train@apanet-0", "train@apanet-1", "evaluate@apanet-0", "evaluate@apanet-1", "aggregate"]
+    from dvc.repo import Repo
+
+    monkeypatch.chdir(work)  # DVC reads params.yaml relative to the working directory
+    with Repo(str(work)) as repo:
+        (stage,) = repo.stage.collect("train@apanet-1")
+    assert "--dataset pascal --fold 1" in stage.cmd and "--backbone resnet50v2 --device cuda" in stage.cmd
+    assert "data.root=data/pascal" in stage.cmd and "backbone_weights=pretrained/resnet50_v2.pth" in stage.cmd
+    assert {str(d.def_path) for d in stage.deps} >= {"data/pascal", "pretrained"}
