@@ -1,0 +1,160 @@
+"""dvc.yaml declares the code each stage runs: a stage whose code changed must rerun.
+
+Each stage's command is run in-process on tiny data while a profiler records which of the
+repository's files had a function called (module-level import code is not counted: the
+CLI imports every command's module, but only the code that runs can change a stage's
+outputs). Every such file must be covered by one of the stage's declared deps in the
+repository's dvc.yaml, a file or a folder above it, apart from the few files that cannot
+change an output (error messages, console printing, the CLI's dispatch).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import REPO_PARAMS
+
+from pipeline_helpers import run_fss, tiny_sets
+
+REPO = REPO_PARAMS.parent
+
+#: files whose code runs in every stage but cannot change what a stage writes
+NO_OUTPUT_EFFECT = {
+    "fss/errors.py",  # message classes
+    "fss/atomic.py",  # how a file is written (temp file + rename), not what
+    "pipeline/console.py",  # progress bars and printing
+    "pipeline/cli.py",  # dispatch to the command
+}
+
+
+def _stage_deps(name: str) -> list[str]:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    spec = stages[name]
+    spec = spec.get("do", spec)
+    return [d for d in spec["deps"] if "${" not in d]
+
+
+def _files_run(args: list[str], capsys) -> set[str]:
+    """Repository files (relative paths) with a function called while `fss ARGS` ran."""
+    import pipeline.cli  # noqa: F401  (every command module imported, so their import-time calls are not counted)
+
+    called: set[str] = set()
+    root = str(REPO) + "/"
+
+    def profile(frame, event, _arg):
+        if event == "call":
+            code = frame.f_code
+            if code.co_filename.startswith(root) and code.co_name != "<module>":
+                called.add(code.co_filename[len(root):])
+
+    old = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        code, out, err = run_fss(args, capsys)
+    finally:
+        sys.setprofile(old)
+    assert code == 0, out + err
+    return {f for f in called if f.startswith(("fss/", "pipeline/"))}
+
+
+def _undeclared(files: set[str], deps: list[str]) -> list[str]:
+    def covered(f: str) -> bool:
+        return any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)
+
+    return sorted(f for f in files if not covered(f) and f not in NO_OUTPUT_EFFECT)
+
+
+@pytest.fixture
+def tiny_run(synthetic_root, tmp_path, capsys):
+    """A finished 2-iteration pfenet run on the tiny synthetic data."""
+    out = tmp_path / "run"
+    sets = tiny_sets(synthetic_root, **{"validation.every": 0})
+    code, stdout, err = run_fss(["train", "--method", "pfenet", "--dataset", "synthetic", "--fold", "0", "--iterations",
+                                 "2", "--device", "cpu", "--out", str(out)] + [a for s in sets for a in ("--set", s)],
+                                capsys)
+    assert code == 0, stdout + err
+    return out
+
+
+@pytest.mark.parametrize("method", ["pfenet", "panet"])
+def test_train_stage_declares_the_code_it_runs(method, synthetic_root, tmp_path, capsys):
+    sets = tiny_sets(synthetic_root, **({"validation.every": 0} if method == "panet" else {}))
+    if method == "panet":
+        sets = [s for s in sets if not s.startswith("knobs.reduce_dim")]
+    args = ["train", "--method", method, "--dataset", "synthetic", "--fold", "0", "--iterations", "2",
+            "--device", "cpu", "--out", str(tmp_path / "run")] + [a for s in sets for a in ("--set", s)]
+    files = _files_run(args, capsys)
+    assert "pipeline/train.py" in files and "pipeline/optim.py" in files  # the profiler saw the loop
+    missing = _undeclared(files, _stage_deps("train"))
+    assert missing == [], f"code run by the stage but not in its dvc.yaml deps: {missing}"
+
+
+def test_evaluate_stage_declares_the_code_it_runs(tiny_run, tmp_path, capsys):
+    args = ["evaluate", "--run", str(tiny_run), "--shot", "1", "--shot", "2", "--protocol", "pfenet",
+            "--device", "cpu", "--episodes", "4", "--out", str(tmp_path / "ev-{shot}shot.json")]
+    files = _files_run(args, capsys)
+    assert "pipeline/figures.py" in files and "fss/metrics.py" in files
+    missing = _undeclared(files, _stage_deps("evaluate"))
+    assert missing == [], f"code run by the stage but not in its dvc.yaml deps: {missing}"
+
+
+def test_pretrain_stage_declares_the_code_it_runs(synthetic_root, tmp_path, capsys):
+    args = ["pretrain", "--dataset", "synthetic", "--root", str(synthetic_root), "--fold", "0", "--backbone",
+            "small", "--device", "cpu", "--epochs", "1", "--size", "33", "--batch-size", "16",
+            "--out", str(tmp_path / "small.pt")]
+    files = _files_run(args, capsys)
+    assert "pipeline/pretrain.py" in files
+    missing = _undeclared(files, _stage_deps("pretrain"))
+    assert missing == [], f"code run by the stage but not in its dvc.yaml deps: {missing}"
+
+
+def test_aggregate_stage_declares_the_code_it_runs(tiny_run, tmp_path, capsys):
+    evals = tmp_path / "evals"
+    code, out, err = run_fss(["evaluate", "--run", str(tiny_run), "--shot", "1", "--device", "cpu", "--episodes", "4",
+                              "--out", str(evals / "pfenet" / "fold0-1shot.json")], capsys)
+    assert code == 0, out + err
+    files = _files_run(["aggregate", "--runs", str(evals), "--out", str(tmp_path / "results")], capsys)
+    assert "pipeline/aggregate.py" in files
+    missing = _undeclared(files, _stage_deps("aggregate"))
+    assert missing == [], f"code run by the stage but not in its dvc.yaml deps: {missing}"
+
+
+def test_the_lock_file_is_not_committed():
+    """DVC rereads and rewrites the whole dvc.lock after every stage; a committed full-size lock
+    cost about 5 s per stage of the embedded graph (70 stages) and described another machine's
+    outputs. `dvc repro` writes it; committing it is the user's choice."""
+    import subprocess
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "dvc.lock"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert tracked.stdout.strip() == "", "dvc.lock is tracked by git; 'git rm --cached dvc.lock' (see README, The DVC graph)"
+
+
+def test_prepare_stage_declares_the_code_it_runs(tmp_path, capsys):
+    args = ["prepare", "synthetic", "--out", str(tmp_path / "syn"), "--seed", "0", "--size", "33",
+            "--train-images", "20", "--val-images", "40"]
+    files = _files_run(args, capsys)
+    assert "fss/data/synthetic.py" in files
+    missing = _undeclared(files, _stage_deps("prepare"))
+    assert missing == [], f"code run by the stage but not in its dvc.yaml deps: {missing}"
+
+
+def test_sweep_stage_declares_the_code_it_runs(synthetic_root, tmp_path, capsys):
+    study = tmp_path / "tiny_lam.yaml"
+    sets = dict(s.split("=", 1) for s in tiny_sets(synthetic_root, **{"validation.every": 0, "train.iterations": 2,
+                                                                          "train.device": "cpu"}))
+    study.write_text(yaml.safe_dump({
+        "study": "tiny_lam", "method": "apanet", "dataset": "synthetic", "folds": [0], "shots": [1],
+        "backbone": "small", "set": sets, "params": {"knobs.lam": {"values": [0.0]}},
+        "output": str(tmp_path / "out" / "{study}"),
+    }, sort_keys=False))
+    files = _files_run(["sweep", "run", str(study)], capsys)
+    files |= _files_run(["sweep", "report", str(study), "--out", str(tmp_path / "report")], capsys)
+    assert {"pipeline/sweep.py", "pipeline/train.py", "pipeline/sweep_report.py"} <= files
+    missing = _undeclared(files, _stage_deps("sweep"))
+    assert missing == [], f"code run by the stage but not in its dvc.yaml deps: {missing}"
