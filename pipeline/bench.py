@@ -65,6 +65,8 @@ def machine_description(device) -> dict:
     """CPU model and count, torch version and threads, accelerator name."""
     import torch
 
+    from pipeline.config import cpu_has_bf16
+
     out = {
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -76,6 +78,8 @@ def machine_description(device) -> dict:
         "device_name": _cpu_model(),
         # other processes competing for the CPU make every CPU timing slower
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        # AVX512-BF16 or AMX: without them CPU bf16 is emulated (see the bf16 matmul rate)
+        "cpu_bf16_instructions": cpu_has_bf16(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -409,6 +409,7 @@ def evaluate_command(
     from fss.data.classes import check_dataset, check_fold
     from pipeline import runs as R
     from pipeline.config import (
+        bf16_cpu_warning,
         build_section,
         eval_defaults,
         layered_values,
@@ -472,6 +473,9 @@ def evaluate_command(
     if wandb is not None:
         tracking = dataclasses.replace(tracking, wandb=wandb)
     dev = resolve_device(device or "auto")
+    warning = bf16_cpu_warning(precision, dev)
+    if warning:
+        say(warning)
     name = protocol or test_cfg.protocol
     proto = make_protocol(
         name, ds_name, episodes=episodes if episodes is not None else test_cfg.episodes,

@@ -36,7 +36,7 @@ import typer
 
 from fss.errors import ConfigError, DataError
 
-from pipeline.config import RunConfig, resolve_run_config
+from pipeline.config import RunConfig, bf16_cpu_warning, resolve_run_config
 
 TrackFn = Callable[..., Any]
 
@@ -337,6 +337,9 @@ def train_run(
     run = D.rank_run_dir(out, ctx)
     D.on_main(lambda: run.prepare(config), ctx)  # a rerun must match the saved config (operational keys aside)
     deterministic = set_determinism(config, device)
+    warning = bf16_cpu_warning(config.train.precision, device)
+    if warning:
+        say(warning)
     set_threads(config.train.num_threads)
 
     dataset = build_training_episodes(config)

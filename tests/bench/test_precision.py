@@ -145,8 +145,13 @@ def test_training_and_evaluation_with_bf16_and_channels_last(bench_synthetic_roo
     config = resolve_run_config(method="pfenet", dataset="synthetic", fold=0, shot=1, iterations=3, device="cpu",
                                 set_values=[f"{k}={v}" for k, v in sets.items()], params_path=REPO_PARAMS)
     assert config.train.channels_last and config.train.precision == "bf16"
-    summary = train_run(config, tmp_path / "run")
+    said: list[str] = []
+    summary = train_run(config, tmp_path / "run", say=said.append)
     assert summary["iterations"] == 3 and summary["best_val_miou"] is not None
+    from pipeline.config import cpu_has_bf16
+
+    warned = any("without bf16 instructions" in m for m in said)
+    assert warned == (cpu_has_bf16() is False)
     model, _ = load_model_file(tmp_path / "run" / "model.pt")
     data = open_split(config, "val")
     protocol = validation_protocol(config)
@@ -154,3 +159,16 @@ def test_training_and_evaluation_with_bf16_and_channels_last(bench_synthetic_roo
     channels_last = evaluate_model(model, data, protocol, shot=1, device=CPU, batch_size=2, channels_last=True)
     assert channels_last["miou"] == pytest.approx(plain["miou"], abs=1e-6)
     assert channels_last["fb_iou"] == pytest.approx(plain["fb_iou"], abs=1e-6)
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned(monkeypatch):
+    import pipeline.config as C
+
+    assert C.cpu_has_bf16() in (True, False, None)
+    monkeypatch.setattr(C, "cpu_has_bf16", lambda: False)
+    message = C.bf16_cpu_warning("bf16", CPU)
+    assert message is not None and "\n" not in message and "train.precision=fp32" in message
+    assert C.bf16_cpu_warning("fp32", CPU) is None
+    assert C.bf16_cpu_warning("bf16", torch.device("cuda")) is None  # GPUs have bf16 units
+    monkeypatch.setattr(C, "cpu_has_bf16", lambda: True)
+    assert C.bf16_cpu_warning("bf16", CPU) is None

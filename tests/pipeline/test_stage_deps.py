@@ -61,6 +61,17 @@ def _files_run(args: list[str], capsys) -> set[str]:
     return {f for f in called if f.startswith(("fss/", "pipeline/"))}
 
 
+def _assert_declared(stage: str, runs: list[list[str]], capsys, *, seen: set[str]) -> None:
+    """Run each `fss` command of ``runs`` under the profiler; every project file whose code ran
+    (``seen`` among them: the profiler saw the stage's own code) is a declared dep of ``stage``."""
+    files: set[str] = set()
+    for args in runs:
+        files |= _files_run(args, capsys)
+    assert seen <= files, sorted(seen - files)
+    missing = _undeclared(files, _stage_deps(stage))
+    assert missing == [], f"code run by stage {stage} but not among its dvc.yaml deps: {missing}"
+
+
 def _undeclared(files: set[str], deps: list[str]) -> list[str]:
     def covered(f: str) -> bool:
         return any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)
@@ -87,29 +98,20 @@ def test_train_stage_declares_the_code_it_runs(method, synthetic_root, tmp_path,
         sets = [s for s in sets if not s.startswith("knobs.reduce_dim")]
     args = ["train", "--method", method, "--dataset", "synthetic", "--fold", "0", "--iterations", "2",
             "--device", "cpu", "--out", str(tmp_path / "run")] + [a for s in sets for a in ("--set", s)]
-    files = _files_run(args, capsys)
-    assert "pipeline/train.py" in files and "pipeline/optim.py" in files  # the profiler saw the loop
-    missing = _undeclared(files, _stage_deps("train"))
-    assert missing == [], f"code run by the stage but not in its dvc.yaml deps: {missing}"
+    _assert_declared("train", [args], capsys, seen={"pipeline/train.py", "pipeline/optim.py"})
 
 
 def test_evaluate_stage_declares_the_code_it_runs(tiny_run, tmp_path, capsys):
     args = ["evaluate", "--run", str(tiny_run), "--shot", "1", "--shot", "2", "--protocol", "pfenet",
             "--device", "cpu", "--episodes", "4", "--out", str(tmp_path / "ev-{shot}shot.json")]
-    files = _files_run(args, capsys)
-    assert "pipeline/figures.py" in files and "fss/metrics.py" in files
-    missing = _undeclared(files, _stage_deps("evaluate"))
-    assert missing == [], f"code run by the stage but not in its dvc.yaml deps: {missing}"
+    _assert_declared("evaluate", [args], capsys, seen={"pipeline/figures.py", "fss/metrics.py"})
 
 
 def test_pretrain_stage_declares_the_code_it_runs(synthetic_root, tmp_path, capsys):
     args = ["pretrain", "--dataset", "synthetic", "--root", str(synthetic_root), "--fold", "0", "--backbone",
             "small", "--device", "cpu", "--epochs", "1", "--size", "33", "--batch-size", "16",
             "--out", str(tmp_path / "small.pt")]
-    files = _files_run(args, capsys)
-    assert "pipeline/pretrain.py" in files
-    missing = _undeclared(files, _stage_deps("pretrain"))
-    assert missing == [], f"code run by the stage but not in its dvc.yaml deps: {missing}"
+    _assert_declared("pretrain", [args], capsys, seen={"pipeline/pretrain.py"})
 
 
 def test_aggregate_stage_declares_the_code_it_runs(tiny_run, tmp_path, capsys):
@@ -117,10 +119,8 @@ def test_aggregate_stage_declares_the_code_it_runs(tiny_run, tmp_path, capsys):
     code, out, err = run_fss(["evaluate", "--run", str(tiny_run), "--shot", "1", "--device", "cpu", "--episodes", "4",
                               "--out", str(evals / "pfenet" / "fold0-1shot.json")], capsys)
     assert code == 0, out + err
-    files = _files_run(["aggregate", "--runs", str(evals), "--out", str(tmp_path / "results")], capsys)
-    assert "pipeline/aggregate.py" in files
-    missing = _undeclared(files, _stage_deps("aggregate"))
-    assert missing == [], f"code run by the stage but not in its dvc.yaml deps: {missing}"
+    _assert_declared("aggregate", [["aggregate", "--runs", str(evals), "--out", str(tmp_path / "results")]], capsys,
+                     seen={"pipeline/aggregate.py"})
 
 
 def test_the_lock_file_is_not_committed():
@@ -138,10 +138,7 @@ def test_the_lock_file_is_not_committed():
 def test_prepare_stage_declares_the_code_it_runs(tmp_path, capsys):
     args = ["prepare", "synthetic", "--out", str(tmp_path / "syn"), "--seed", "0", "--size", "33",
             "--train-images", "20", "--val-images", "40"]
-    files = _files_run(args, capsys)
-    assert "fss/data/synthetic.py" in files
-    missing = _undeclared(files, _stage_deps("prepare"))
-    assert missing == [], f"code run by the stage but not in its dvc.yaml deps: {missing}"
+    _assert_declared("prepare", [args], capsys, seen={"fss/data/synthetic.py"})
 
 
 def test_sweep_stage_declares_the_code_it_runs(synthetic_root, tmp_path, capsys):
@@ -153,8 +150,5 @@ def test_sweep_stage_declares_the_code_it_runs(synthetic_root, tmp_path, capsys)
         "backbone": "small", "set": sets, "params": {"knobs.lam": {"values": [0.0]}},
         "output": str(tmp_path / "out" / "{study}"),
     }, sort_keys=False))
-    files = _files_run(["sweep", "run", str(study)], capsys)
-    files |= _files_run(["sweep", "report", str(study), "--out", str(tmp_path / "report")], capsys)
-    assert {"pipeline/sweep.py", "pipeline/train.py", "pipeline/sweep_report.py"} <= files
-    missing = _undeclared(files, _stage_deps("sweep"))
-    assert missing == [], f"code run by the stage but not in its dvc.yaml deps: {missing}"
+    _assert_declared("sweep", [["sweep", "run", str(study)], ["sweep", "report", str(study), "--out", str(tmp_path / "report")]],
+                     capsys, seen={"pipeline/sweep.py", "pipeline/train.py", "pipeline/sweep_report.py"})
