@@ -86,6 +86,30 @@ def default_storage(output: Path, workers: int) -> str:
     return f"sqlite:///{db.resolve()}"
 
 
+def _create_sqlite_schema(path: Path, connect_args: dict) -> None:
+    """Create a new SQLite storage whole or not at all.
+
+    Optuna creates its tables one statement at a time, so a process killed meanwhile left a
+    file that every later open refused ("table ... already exists"). The schema is built in a
+    temporary file beside ``path`` and linked into place only if ``path`` still does not exist.
+    """
+    import os
+
+    import optuna
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}", engine_kwargs={"connect_args": connect_args})
+        storage.engine.dispose()
+        try:
+            os.link(tmp, path)  # atomic, and never replaces a storage another process created meanwhile
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def open_storage(url: str, *, create_dirs: bool = False):
     """The Optuna storage behind ``url``; anything that prevents opening it is one line."""
     import optuna
@@ -106,6 +130,8 @@ def open_storage(url: str, *, create_dirs: bool = False):
 
             return JournalStorage(JournalFileBackend(str(path)))
         connect_args = {"timeout": 60} if is_sqlite(url) else {"connect_timeout": 10}
+        if is_sqlite(url) and path is not None and not path.exists():
+            _create_sqlite_schema(path, connect_args)
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect_args})
     except ConfigError:
         raise

@@ -162,3 +162,32 @@ def test_two_processes_never_claim_the_same_queued_trial(tmp_path, subprocess_en
     together = claimed[0] + claimed[1]
     assert sorted(together) == list(range(60))  # every trial claimed exactly once
     assert claim_waiting(optuna.load_study(study_name="race", storage=open_storage(url)), open_storage(url)) is None
+
+
+def test_a_sqlite_storage_killed_while_created_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Optuna creates its tables one by one; a kill in between used to leave a study.db that
+    every later run refused ("table study_directions already exists")."""
+    import sqlite3
+
+    import optuna
+
+    from pipeline.sweep_storage import open_storage
+
+    db = tmp_path / "study.db"
+    real = optuna.storages.RDBStorage
+
+    def killed_half_way(url, **kwargs):
+        con = sqlite3.connect(url.split(":///", 1)[1])
+        con.execute("CREATE TABLE study_directions (x)")  # the first tables were written ...
+        con.commit()
+        con.close()
+        raise KeyboardInterrupt  # ... then the process was stopped
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        open_storage(f"sqlite:///{db}")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(optuna.storages, "RDBStorage", real)
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{db}"), study_name="after")
+    assert db.is_file() and study.study_name == "after"
+    assert [s.study_name for s in optuna.get_all_study_summaries(open_storage(f"sqlite:///{db}"))] == ["after"]
