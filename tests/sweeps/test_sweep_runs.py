@@ -139,12 +139,21 @@ def test_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path, sweep
                 study = load(path, "kill", db)
             except KeyError:  # the file exists, the study not yet
                 continue
-            running = study.get_trials(states=(TrialState.RUNNING,))
-            complete = study.get_trials(states=(TrialState.COMPLETE,))
-            if complete and running and "fss_run_dir" in running[0].user_attrs and \
-                    (Path(running[0].user_attrs["fss_run_dir"]) / "fold0" / "checkpoint.pt").exists():
+            trials = study.get_trials()  # one snapshot: two queries can straddle a trial's completion
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            complete = [t for t in trials if t.state == TrialState.COMPLETE]
+            if not (complete and running and "fss_run_dir" in running[0].user_attrs and
+                    (Path(running[0].user_attrs["fss_run_dir"]) / "fold0" / "checkpoint.pt").exists()):
+                continue
+            proc.send_signal(signal.SIGSTOP)  # frozen: the trial cannot finish between this check and the kill
+            try:
+                still_running = load(path, "kill", db).trials[running[0].number].state == TrialState.RUNNING
+            except Exception:  # frozen inside a write: the file is locked; look again later
+                still_running = False
+            if still_running:
                 victim = running[0]
                 break
+            proc.send_signal(signal.SIGCONT)
         assert victim is not None, "the sweep did not reach a second trial in time"
     finally:
         proc.send_signal(signal.SIGKILL)
