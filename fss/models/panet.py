@@ -6,7 +6,8 @@ Follows the reference code (``kaixin96/PANet``, ``models/fewshot.py``):
   stride 8, no ReLU after the last conv of conv5);
 * prototypes (Eq. 1-2): features are upsampled bilinearly (align_corners=False, the
   reference's ``F.interpolate`` default) to the mask size, then masked average pooling
-  with eps 1e-5; one foreground prototype per way (mean over shots), ONE background
+  with eps 1e-5 (computed without materialising the upsampled map, same sum:
+  :func:`fss.models.blocks.upsampled_masked_average_pool`); one foreground prototype per way (mean over shots), ONE background
   prototype = mean over ways and shots of the MAP of each support's non-episode-class
   pixels;
 * logits (Eq. 3) = ``alpha`` * cosine(query feature, prototype), stacked
@@ -36,7 +37,7 @@ from fss.errors import CheckpointError, ConfigError
 from fss.models.backbones import build_backbone
 from fss.models.backbones.vgg import panet_key_to_backbone_key
 from fss.models.base import FSSModel, ModelOutput
-from fss.models.blocks import masked_average_pool
+from fss.models.blocks import upsampled_masked_average_pool
 from fss.models.checkpoints import load_strict, register_importer, safe_torch_load
 from fss.models.registry import Knob, register_method
 
@@ -156,13 +157,15 @@ class PANet(FSSModel):
     def support_prototypes(self, support_feats: torch.Tensor, support_masks: torch.Tensor):
         """Eq. 1-2: foreground prototypes ``[B,N,C]`` and the background prototype ``[B,C]``.
 
-        Features are upsampled to the mask size before MAP (eps 1e-5), as in the reference.
+        As in the reference, MAP (eps 1e-5) pools the features bilinearly upsampled
+        (``align_corners=False``) to the mask size; :func:`upsampled_masked_average_pool`
+        computes exactly that sum with the transposed resize applied to the mask instead.
         """
         b, n, k = support_feats.shape[:3]
-        feats = _upsample(support_feats.flatten(0, 2), support_masks.shape[-2:])
+        feats = support_feats.flatten(0, 2)
         masks = support_masks.flatten(0, 2)
-        fg = masked_average_pool(feats, (masks == 1).unsqueeze(1), PANET_MAP_EPS).view(b, n, k, -1)
-        bg = masked_average_pool(feats, background_mask(masks).unsqueeze(1), PANET_MAP_EPS).view(b, n, k, -1)
+        fg = upsampled_masked_average_pool(feats, (masks == 1).unsqueeze(1), PANET_MAP_EPS).view(b, n, k, -1)
+        bg = upsampled_masked_average_pool(feats, background_mask(masks).unsqueeze(1), PANET_MAP_EPS).view(b, n, k, -1)
         return fg.mean(dim=2), bg.mean(dim=(1, 2))
 
     def query_logits(self, query_feat: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:

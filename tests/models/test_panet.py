@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from fss.errors import CheckpointError, ConfigError
 from fss.models import create_model
+from fss.models.blocks import bilinear_matrix, masked_average_pool, upsampled_masked_average_pool
 from fss.models.checkpoints import import_checkpoint, save_model_file
 from fss.models.panet import (
     OTHER_EPISODE_CLASS,
@@ -51,6 +52,34 @@ def _model(seed=0, **knobs):
 
 
 # --------------------------------------------------------------------------- blocks
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("feat_size,mask_size", [((7, 6), (49, 41)), ((6, 6), (6, 6)), ((9, 8), (5, 4))])
+def test_upsampled_masked_average_pool_equals_upsample_then_pool(align_corners, feat_size, mask_size):
+    g = torch.Generator().manual_seed(1)
+    feat = torch.randn(3, 5, *feat_size, generator=g, requires_grad=True)
+    mask = torch.rand(3, 1, *mask_size, generator=g) > 0.6
+    mask[2] = False  # an empty mask: eps keeps it finite, the prototype is zero
+    up = F.interpolate(feat, size=mask_size, mode="bilinear", align_corners=align_corners) \
+        if feat_size != mask_size else feat
+    expected = masked_average_pool(up, mask, 1e-5)
+    got = upsampled_masked_average_pool(feat, mask, 1e-5, align_corners=align_corners)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert got[2].abs().max().item() == 0.0
+    weights = torch.randn(3, 5, generator=g)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), feat)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), feat)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bilinear_matrix_is_torchs_resize():
+    x = torch.randn(2, 3, 7, 5)
+    for align_corners in (False, True):
+        rows, cols = bilinear_matrix(7, 20, align_corners), bilinear_matrix(5, 13, align_corners)
+        assert rows.shape == (20, 7) and cols.shape == (13, 5)
+        torch.testing.assert_close(rows @ x @ cols.T, F.interpolate(x, size=(20, 13), mode="bilinear",
+                                                                   align_corners=align_corners))
+
+
 def test_prototype_logits_are_alpha_times_cosine():
     feat = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, -2.0]]).view(1, 2, 1, 3)  # vectors (1,0) (1,1) (0,-2)
     protos = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])  # [1, P=2, C=2]

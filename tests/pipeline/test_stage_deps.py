@@ -135,6 +135,15 @@ def test_the_lock_file_is_not_committed():
     assert tracked.stdout.strip() == "", "dvc.lock is tracked by git; 'git rm --cached dvc.lock' (see README, The DVC graph)"
 
 
+def test_dvc_reads_yaml_with_the_c_parser():
+    """ruamel.yaml.clib is a dependency for DVC's sake: without it each read of a full dvc.lock
+    took about 2 s of pure-Python parsing, several times per stage."""
+    from ruamel.yaml import YAML
+
+    assert "_ruamel_yaml" in YAML(typ="safe").Parser.__module__, \
+        "ruamel.yaml runs without its C parser; 'uv sync' should install ruamel.yaml.clib (pyproject.toml)"
+
+
 def test_prepare_stage_declares_the_code_it_runs(tmp_path, capsys):
     args = ["prepare", "synthetic", "--out", str(tmp_path / "syn"), "--seed", "0", "--size", "33",
             "--train-images", "20", "--val-images", "40"]
