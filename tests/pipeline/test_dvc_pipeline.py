@@ -1,7 +1,8 @@
-"""A real `dvc repro` of the repository's dvc.yaml on a tiny grid (2 methods x 1 fold).
+"""A real `dvc repro` of the repository's dvc.yaml on a tiny grid (2 methods x 1 fold), and
+of its real-data form on a PASCAL fixture in the release formats with a ResNet-50 file.
 
 The repository's dvc.yaml and params.yaml are copied into a fresh git + DVC repository with
-the code they depend on; params.yaml is shrunk (tiny synthetic data, a few iterations).
+the code they depend on; params.yaml is shrunk (tiny data, a few iterations).
 """
 
 from __future__ import annotations
@@ -117,3 +118,74 @@ def test_real_data_grid_has_no_synthetic_stages(tmp_path, subprocess_env, monkey
     assert "--dataset pascal --fold 1" in stage.cmd and "--backbone resnet50v2 --device cuda" in stage.cmd
     assert "data.root=data/pascal" in stage.cmd and "backbone_weights=pretrained/resnet50_v2.pth" in stage.cmd
     assert {str(d.def_path) for d in stage.deps} >= {"data/pascal", "pretrained"}
+
+
+def _raw_pascal(root: Path):
+    """VOC2012 + SBD in their release formats, enough for fold-0 episodes: every base class
+    (6-20) in 2 VOC-train images (also SBD train), every fold-0 novel class (1-5) in 6 VOC-val
+    images (a 5-shot episode needs 6), the other novel classes in 1. One 50x50 object per
+    60x70 image (2500 px, above the 2048-pixel rule)."""
+    from tests.data.fixtures import Img, Rect, build_sbd, build_voc
+
+    def image(cls):
+        return Img((60, 70), (Rect(cls, 4, 6, 50, 50),))
+
+    train = {f"2008_{100 + 2 * c + k:06d}": image(c) for c in range(6, 21) for k in range(2)}
+    val = {f"2009_{100 + 6 * c + k:06d}": image(c) for c in range(1, 21) for k in range(6 if c <= 5 else 1)}
+    voc = build_voc(root / "VOC2012", {**train, **val}, {}, list(train), list(val))
+    sbd = build_sbd(root / "benchmark_RELEASE" / "dataset", train, list(train), [])
+    return voc, sbd
+
+
+@pytest.mark.slow
+def test_dvc_repro_on_prepared_pascal_with_a_released_backbone_file(tmp_path, subprocess_env):
+    """README "Real data", end to end: raw VOC + SBD -> `fss prepare pascal` -> a backbone file
+    in PFENet's released resnet50_v2.pth format under pretrained/ -> params.yaml pointed at
+    both -> `dvc repro` trains, evaluates (1 and 5 shots) and aggregates a pascal/resnet50v2
+    table. Tiny sizes and a few iterations; random backbone weights of the real key layout."""
+    import torch
+
+    from tests.models.test_backbones import listing, synthetic_state_dict
+
+    work = tmp_path / "repo"
+    work.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("fss", "pipeline", "sweeps"):
+        shutil.copytree(REPO / name, work / name, ignore=ignore)
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    voc, sbd = _raw_pascal(tmp_path / "raw")
+    _run([str(Path(subprocess_env["PATH"].split(":")[0]) / "fss"), "prepare", "pascal", "--voc-root", str(voc),
+          "--sbd-root", str(sbd), "--out", str(work / "data" / "pascal")], work, subprocess_env)
+    (work / "pretrained").mkdir()
+    torch.save(synthetic_state_dict(listing("resnet50_v2_backbone.txt")), work / "pretrained" / "resnet50_v2.pth")
+
+    p = _tiny_params()
+    p["benchmark"].update(dataset="pascal", root="data/pascal", backbone="resnet50v2",
+                          weights="pretrained/resnet50_v2.pth", methods=["pfenet"], folds=[0],
+                          pretrain_folds=[], sweeps={}, device="cpu", protocol="pfenet")
+    p["datasets"]["pascal"] = {"data": {"root": "data/pascal", "num_workers": 0, "train_size": 33},
+                               "train": {"iterations": 2, "batch_size": 2},
+                               "validation": {"episodes": 4, "every": 0},
+                               "test": {"episodes": 4, "size": 33, "batch_size": 2}}
+    p["methods"]["pfenet"]["datasets"]["pascal"] = {"knobs": {"reduce_dim": 16, "pyramid_bins": [1.0, 0.5, 0.25, 0.125]}}
+    (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    dvc = str(Path(subprocess_env["PATH"].split(":")[0]) / "dvc")
+    _run(["git", "init", "-q"], work, subprocess_env)
+    _run([dvc, "init", "-q"], work, subprocess_env)
+    first = _run([dvc, "repro"], work, subprocess_env)
+    for stage in ("prepare", "train@pfenet-0", "evaluate@pfenet-0", "aggregate"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
+
+    config = yaml.safe_load((work / "runs" / "pfenet" / "fold0" / "config.yaml").read_text())
+    assert (config["dataset"], config["backbone"], config["backbone_weights"]) == \
+        ("pascal", "resnet50v2", "pretrained/resnet50_v2.pth")
+    for k in (1, 5):
+        report = json.loads((work / "evals" / "pfenet" / f"fold0-{k}shot.json").read_text())
+        assert (report["dataset"], report["shot"], report["episodes"]) == ("pascal", k, 4)
+        assert 0.0 <= report["miou"] <= 1.0
+    import pandas as pd
+
+    results = pd.read_csv(work / "results" / "results.csv")
+    assert set(results["dataset"]) == {"pascal"} and set(results["backbone"]) == {"resnet50v2"}
+    assert sorted(results["shot"]) == [1, 5] and set(results["fold"]) == {0}
+    assert "Running stage" not in _run([dvc, "repro"], work, subprocess_env).stdout
