@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-#: the console script of this environment
+#: the console scripts of this environment
 FSS = str(Path(sys.executable).parent / "fss")
+DVC = str(Path(sys.executable).parent / "dvc")
 
 
 def tiny_sets(root: Path, **extra) -> list[str]:

@@ -17,6 +17,8 @@ import yaml
 
 from pipeline.config import REPO_PARAMS
 
+from pipeline_helpers import DVC, FSS
+
 REPO = REPO_PARAMS.parent
 METHODS = ["pfenet", "panet"]
 
@@ -42,25 +44,30 @@ def _run(cmd, cwd, env, timeout=600) -> subprocess.CompletedProcess:
     return done
 
 
+def _dvc_repo(work: Path, params: dict, env: dict, *, with_code: bool = True) -> Path:
+    """A fresh git + DVC repository at ``work`` with the repository's dvc.yaml, ``params`` as
+    its params.yaml and (``with_code``) a copy of the code the stages run."""
+    work.mkdir(parents=True, exist_ok=True)
+    if with_code:
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        for name in ("fss", "pipeline", "sweeps"):
+            shutil.copytree(REPO / name, work / name, ignore=ignore)
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], work, env)
+    _run([DVC, "init", "-q"], work, env)
+    return work
+
+
 @pytest.mark.slow
 def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
-    work = tmp_path / "repo"
-    work.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(REPO / "fss", work / "fss", ignore=ignore)
-    shutil.copytree(REPO / "pipeline", work / "pipeline", ignore=ignore)
-    shutil.copytree(REPO / "sweeps", work / "sweeps", ignore=ignore)
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
-    (work / "params.yaml").write_text(yaml.safe_dump(_tiny_params(), sort_keys=False))
-    dvc = str(Path(subprocess_env["PATH"].split(":")[0]) / "dvc")
-    _run(["git", "init", "-q"], work, subprocess_env)
-    _run([dvc, "init", "-q"], work, subprocess_env)
+    work = _dvc_repo(tmp_path / "repo", _tiny_params(), subprocess_env)
 
-    stages = _run([dvc, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
+    stages = _run([DVC, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
     assert stages == ["prepare", "pretrain@0", "train@pfenet-0", "train@panet-0",
                       "evaluate@pfenet-0", "evaluate@panet-0", "aggregate", "sweep@embedded_apanet_lambda"]
 
-    first = _run([dvc, "repro"], work, subprocess_env)
+    first = _run([DVC, "repro"], work, subprocess_env)
     for stage in stages:
         assert f"Running stage '{stage}'" in first.stdout, stage
     assert (work / "pretrained" / "small-fold0.pt").is_file()
@@ -80,16 +87,16 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
     lock = yaml.safe_load((work / "dvc.lock").read_text())
     assert lock["stages"]["train@panet-0"]["params"]["params.yaml"]["methods.panet"]["knobs"]["lambda_par"] == 1.0
 
-    second = _run([dvc, "repro"], work, subprocess_env)
+    second = _run([DVC, "repro"], work, subprocess_env)
     assert "Running stage" not in second.stdout and "up to date" in second.stdout
 
     # a knob of one method invalidates that method's stages only
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["methods"]["panet"]["knobs"]["lambda_par"] = 0.5
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = _run([dvc, "status", "--json"], work, subprocess_env).stdout
+    status = _run([DVC, "status", "--json"], work, subprocess_env).stdout
     assert list(json.loads(status)) == ["train@panet-0"]
-    dry = _run([dvc, "repro", "--dry"], work, subprocess_env).stdout
+    dry = _run([DVC, "repro", "--dry"], work, subprocess_env).stdout
     ran = [line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")]
     assert "train@panet-0" in ran and not any("pfenet" in s for s in ran)
 
@@ -97,18 +104,12 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
 def test_real_data_grid_has_no_synthetic_stages(tmp_path, subprocess_env, monkeypatch):
     """Pointed at prepared real data with a downloaded backbone (README "Real data"), the graph
     pretrains nothing and runs no embedded sweep; the stages read the real root and weights."""
-    work = tmp_path / "repo"
-    work.mkdir()
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
     p = yaml.safe_load(REPO_PARAMS.read_text())
     p["benchmark"].update(dataset="pascal", root="data/pascal", backbone="resnet50v2",
                           weights="pretrained/resnet50_v2.pth", folds=[0, 1], methods=["apanet"],
                           pretrain_folds=[], sweeps={}, device="cuda")
-    (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    dvc = str(Path(subprocess_env["PATH"].split(":")[0]) / "dvc")
-    _run(["git", "init", "-q"], work, subprocess_env)
-    _run([dvc, "init", "-q"], work, subprocess_env)
-    stages = _run([dvc, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
+    work = _dvc_repo(tmp_path / "repo", p, subprocess_env, with_code=False)
+    stages = _run([DVC, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
     assert stages == ["prepare", "train@apanet-0", "train@apanet-1", "evaluate@apanet-0", "evaluate@apanet-1", "aggregate"]
     from dvc.repo import Repo
 
@@ -147,18 +148,6 @@ def test_dvc_repro_on_prepared_pascal_with_a_released_backbone_file(tmp_path, su
 
     from tests.models.test_backbones import listing, synthetic_state_dict
 
-    work = tmp_path / "repo"
-    work.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("fss", "pipeline", "sweeps"):
-        shutil.copytree(REPO / name, work / name, ignore=ignore)
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
-    voc, sbd = _raw_pascal(tmp_path / "raw")
-    _run([str(Path(subprocess_env["PATH"].split(":")[0]) / "fss"), "prepare", "pascal", "--voc-root", str(voc),
-          "--sbd-root", str(sbd), "--out", str(work / "data" / "pascal")], work, subprocess_env)
-    (work / "pretrained").mkdir()
-    torch.save(synthetic_state_dict(listing("resnet50_v2_backbone.txt")), work / "pretrained" / "resnet50_v2.pth")
-
     p = _tiny_params()
     p["benchmark"].update(dataset="pascal", root="data/pascal", backbone="resnet50v2",
                           weights="pretrained/resnet50_v2.pth", methods=["pfenet"], folds=[0],
@@ -168,11 +157,13 @@ def test_dvc_repro_on_prepared_pascal_with_a_released_backbone_file(tmp_path, su
                                "validation": {"episodes": 4, "every": 0},
                                "test": {"episodes": 4, "size": 33, "batch_size": 2}}
     p["methods"]["pfenet"]["datasets"]["pascal"] = {"knobs": {"reduce_dim": 16, "pyramid_bins": [1.0, 0.5, 0.25, 0.125]}}
-    (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    dvc = str(Path(subprocess_env["PATH"].split(":")[0]) / "dvc")
-    _run(["git", "init", "-q"], work, subprocess_env)
-    _run([dvc, "init", "-q"], work, subprocess_env)
-    first = _run([dvc, "repro"], work, subprocess_env)
+    work = _dvc_repo(tmp_path / "repo", p, subprocess_env)
+    voc, sbd = _raw_pascal(tmp_path / "raw")
+    _run([FSS, "prepare", "pascal", "--voc-root", str(voc), "--sbd-root", str(sbd),
+          "--out", str(work / "data" / "pascal")], work, subprocess_env)
+    (work / "pretrained").mkdir()
+    torch.save(synthetic_state_dict(listing("resnet50_v2_backbone.txt")), work / "pretrained" / "resnet50_v2.pth")
+    first = _run([DVC, "repro"], work, subprocess_env)
     for stage in ("prepare", "train@pfenet-0", "evaluate@pfenet-0", "aggregate"):
         assert f"Running stage '{stage}'" in first.stdout, stage
 
@@ -188,4 +179,4 @@ def test_dvc_repro_on_prepared_pascal_with_a_released_backbone_file(tmp_path, su
     results = pd.read_csv(work / "results" / "results.csv")
     assert set(results["dataset"]) == {"pascal"} and set(results["backbone"]) == {"resnet50v2"}
     assert sorted(results["shot"]) == [1, 5] and set(results["fold"]) == {0}
-    assert "Running stage" not in _run([dvc, "repro"], work, subprocess_env).stdout
+    assert "Running stage" not in _run([DVC, "repro"], work, subprocess_env).stdout
