@@ -104,11 +104,10 @@ def evaluate_model(
     import contextlib
 
     import torch
-    from torch.utils.data import DataLoader
 
-    from fss.data.episodes import collate_episodes
     from fss.data.transforms import original_resolution_pairs
     from fss.metrics import IoUMeter, summarize_runs
+    from pipeline.train import EpisodeLoader
 
     model.eval()
     layout = lambda t: t  # noqa: E731
@@ -123,9 +122,8 @@ def evaluate_model(
     results, samples = [], []
     for run in range(protocol.runs):
         episodes = protocol.episode_dataset(data, shot, run=run, ways=ways)
-        loader = DataLoader(episodes, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=collate_episodes, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(0))
+        loader = EpisodeLoader(episodes, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                               pin=device.type == "cuda", generator=torch.Generator().manual_seed(0))
         meter = IoUMeter(data.novel_classes, ignore_index=protocol.ignore_index)
         batches = loader
         if track is not None:

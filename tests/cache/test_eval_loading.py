@@ -11,7 +11,8 @@ from fss.models.feature_cache import FeatureCache
 
 def _tensors_equal(a: dict, b: dict) -> bool:
     assert a.keys() == b.keys()
-    return all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    return all((isinstance(b[k], torch.Tensor) and a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]))
+               if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
 
 
 def test_training_batches_identical_with_zero_and_two_workers(cache_synthetic_root):
@@ -39,3 +40,28 @@ def test_evaluation_metrics_identical_with_zero_and_two_workers(cache_val_data):
     workers = evaluate(model, cache_val_data, proto, num_workers=2, cache=FeatureCache())
     assert metrics(main) == metrics(workers)
     assert main["class_episodes"] == workers["class_episodes"]
+
+
+def test_small_worker_batches_travel_as_arrays_and_large_ones_as_tensors(cache_synthetic_root, monkeypatch):
+    """Under PIPE_BATCH_BYTES a worker's batch is sent as numpy arrays (one pipe copy instead of
+    a socket round trip per shared-memory tensor) and comes out as the same tensors."""
+    import numpy as np
+
+    import pipeline.train as T
+    from fss.data.episodes import EpisodeDataset, TrainEpisodeSampler, collate_episodes
+    from fss.data.transforms import build_train_transform
+
+    data = T.open_prepared(cache_synthetic_root, 0, "train", cache=True)
+    dataset = EpisodeDataset(data, TrainEpisodeSampler(data, shot=1, seed=3),
+                             build_train_transform("pfenet", "synthetic", size=33), seed=3, keep_original=False)
+    dataset.set_epoch(0)
+    samples = [dataset[0], dataset[1]]
+    reference = collate_episodes(samples)
+    small = T.collate_small_as_arrays(samples)
+    assert all(isinstance(v, np.ndarray) for v in small.values())
+    assert _tensors_equal(reference, T.arrays_to_tensors(small))
+    monkeypatch.setattr(T, "PIPE_BATCH_BYTES", 1000)
+    assert all(isinstance(v, torch.Tensor) for v in T.collate_small_as_arrays(samples).values())
+    assert T.EpisodeLoader(dataset, num_workers=1, pin=False, batch_size=2).by_pipe
+    assert not T.EpisodeLoader(dataset, num_workers=1, pin=True, batch_size=2).by_pipe  # pinned: shared memory
+    assert not T.EpisodeLoader(dataset, num_workers=0, pin=False, batch_size=2).by_pipe

@@ -49,6 +49,30 @@ def test_pretrain_writes_a_loadable_backbone(synthetic_root, tmp_path):
         pretrain_backbone(synthetic_root, 1, out, epochs=1, dataset="pascal")
 
 
+def test_pretrain_channels_last_matches_the_default_layout(synthetic_root, tmp_path):
+    """pretrain.channels_last changes the memory layout only: the same weights up to float
+    rounding, saved in the default layout; a non-boolean value is refused by name."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    n = len(PreparedDataset(synthetic_root, 1, "train"))
+    kw = dict(epochs=1, batch_size=n // 3, size=33, device="cpu", dataset="synthetic")  # 3 steps: rounding stays small
+    plain = pretrain_backbone(synthetic_root, 1, tmp_path / "a.pt", **kw)
+    cl = pretrain_backbone(synthetic_root, 1, tmp_path / "b.pt", channels_last=True, **kw)
+    assert cl["channels_last"] is True and plain["channels_last"] is False and cl["iterations"] == 3
+    a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(v.is_contiguous() for v in b.values())
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-4) for k in a)
+    assert abs(plain["final_loss"] - cl["final_loss"]) < 1e-4
+    params = tmp_path / "params.yaml"
+    params.write_text("pretrain:\n  channels_last: maybe\n")
+    result = CliRunner().invoke(app, ["pretrain", "--fold", "1", "--out", str(tmp_path / "c.pt"), "--root",
+                                      str(synthetic_root), "--params", str(params)])
+    assert isinstance(result.exception, ConfigError)
+    assert "pretrain.channels_last must be true or false" in str(result.exception)
+
+
 def _evaluation(method, fold, shot, miou, fb=0.5, **extra) -> dict:
     """An evaluation file as `fss evaluate` writes it (the keys aggregate reads)."""
     return {"kind": "fss-evaluation", "version": 1, "method": method, "dataset": "synthetic", "backbone": "small",
