@@ -87,7 +87,7 @@ def pretrain_backbone(
     """Train a backbone on fold ``fold``'s base classes and write its weights to ``out``.
 
     ``channels_last``: model and images in channels-last memory format (same arithmetic up to
-    float rounding; about 10% faster for the small backbone on 2 CPU cores)."""
+    float rounding; 75 s -> 69 s for one embedded fold on 2 CPU cores)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
