@@ -105,9 +105,9 @@ def evaluate_model(
 
     import torch
 
+    from fss.data.episodes import EpisodeLoader
     from fss.data.transforms import original_resolution_pairs
     from fss.metrics import IoUMeter, summarize_runs
-    from pipeline.train import EpisodeLoader
 
     model.eval()
     layout = lambda t: t  # noqa: E731

@@ -162,6 +162,7 @@ def epoch_loader(dataset, epoch: int, first_batch: int, batch_size: int, num_wor
     """
     import torch
 
+    from fss.data.episodes import EpisodeLoader
     from pipeline.distributed import rank_slice
 
     dataset.set_epoch(epoch)
@@ -173,56 +174,6 @@ def epoch_loader(dataset, epoch: int, first_batch: int, batch_size: int, num_wor
         generator=torch.Generator().manual_seed(0),
         worker_init_fn=worker_ignores_stop_signals if num_workers > 0 else None,
     )
-
-
-# A worker's batch under this size goes back to the main process through the pipe as numpy
-# arrays. Tensors would go through shared memory, one file descriptor per tensor, each
-# fetched over its own socket round trip to the worker (about 1.5 ms per tensor on the 2-core
-# machine, 10 ms per batch of the embedded benchmark, where copying its 0.3 MB costs
-# microseconds); larger batches, and pinned ones (CUDA), keep shared memory.
-PIPE_BATCH_BYTES = 4 << 20
-
-
-class EpisodeLoader:
-    """A DataLoader of episodes (``collate_episodes``) whose worker batches under
-    :data:`PIPE_BATCH_BYTES` travel as numpy arrays and come out as tensors again (same
-    values). Iterating it starts the workers, as a DataLoader does; ``len`` is the loader's."""
-
-    def __init__(self, dataset, *, num_workers: int, pin: bool, **kwargs) -> None:
-        from torch.utils.data import DataLoader
-
-        from fss.data.episodes import collate_episodes
-
-        self.by_pipe = num_workers > 0 and not pin
-        self.loader = DataLoader(dataset, num_workers=num_workers, pin_memory=pin,
-                                 collate_fn=collate_small_as_arrays if self.by_pipe else collate_episodes, **kwargs)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        if not self.by_pipe:
-            return iter(self.loader)
-        return (arrays_to_tensors(batch) for batch in self.loader)
-
-
-def collate_small_as_arrays(samples) -> dict:
-    """``collate_episodes``, then, for a batch under :data:`PIPE_BATCH_BYTES`, its tensors as
-    numpy arrays (what :func:`arrays_to_tensors` turns back)."""
-    from fss.data.episodes import collate_episodes
-
-    batch = collate_episodes(samples)
-    size = sum(v.numel() * v.element_size() for v in batch.values() if hasattr(v, "numel"))
-    if size > PIPE_BATCH_BYTES:
-        return batch
-    return {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in batch.items()}
-
-
-def arrays_to_tensors(batch: dict) -> dict:
-    import numpy as np
-    import torch
-
-    return {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
 
 
 def worker_ignores_stop_signals(_worker_id: int) -> None:

@@ -44,7 +44,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fss.data.classes import IGNORE_INDEX
 from fss.data.imageio import read_mask
@@ -457,3 +457,44 @@ def collate_episodes(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, to
         else:
             out[key] = default_collate(values)
     return out
+
+
+# A worker's batch under this size goes back to the main process through the pipe as numpy
+# arrays. Tensors would go through shared memory, one file descriptor per tensor, each
+# fetched over its own socket round trip to the worker (about 1.5 ms per tensor on the 2-core
+# machine, 10 ms per batch of the embedded benchmark, where copying its 0.3 MB costs
+# microseconds); larger batches, and pinned ones (CUDA), keep shared memory.
+PIPE_BATCH_BYTES = 4 << 20
+
+
+class EpisodeLoader:
+    """A DataLoader of episodes (``collate_episodes``) whose worker batches under
+    :data:`PIPE_BATCH_BYTES` travel as numpy arrays and come out as tensors again (same
+    values). Iterating it starts the workers, as a DataLoader does; ``len`` is the loader's."""
+
+    def __init__(self, dataset, *, num_workers: int, pin: bool, **kwargs) -> None:
+        self.by_pipe = num_workers > 0 and not pin
+        self.loader = DataLoader(dataset, num_workers=num_workers, pin_memory=pin,
+                                 collate_fn=collate_small_as_arrays if self.by_pipe else collate_episodes, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if not self.by_pipe:
+            return iter(self.loader)
+        return (arrays_to_tensors(batch) for batch in self.loader)
+
+
+def collate_small_as_arrays(samples) -> dict:
+    """``collate_episodes``, then, for a batch under :data:`PIPE_BATCH_BYTES`, its tensors as
+    numpy arrays (what :func:`arrays_to_tensors` turns back)."""
+    batch = collate_episodes(samples)
+    size = sum(v.numel() * v.element_size() for v in batch.values() if hasattr(v, "numel"))
+    if size > PIPE_BATCH_BYTES:
+        return batch
+    return {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in batch.items()}
+
+
+def arrays_to_tensors(batch: dict) -> dict:
+    return {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in batch.items()}

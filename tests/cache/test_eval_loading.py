@@ -15,16 +15,21 @@ def _tensors_equal(a: dict, b: dict) -> bool:
                if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
 
 
-def test_training_batches_identical_with_zero_and_two_workers(cache_synthetic_root):
-    """Augmentation randomness comes from per-episode seeds, not from the worker processes."""
+def _training_episodes(root):
     from fss.data.episodes import EpisodeDataset, TrainEpisodeSampler
     from fss.data.transforms import build_train_transform
-    from pipeline.train import epoch_loader, open_prepared
+    from pipeline.train import open_prepared
 
-    data = open_prepared(cache_synthetic_root, 0, "train", cache=True)
-    sampler = TrainEpisodeSampler(data, shot=1, seed=3)
-    dataset = EpisodeDataset(data, sampler, build_train_transform("pfenet", "synthetic", size=33), seed=3,
-                             keep_original=False)
+    data = open_prepared(root, 0, "train", cache=True)
+    return EpisodeDataset(data, TrainEpisodeSampler(data, shot=1, seed=3),
+                          build_train_transform("pfenet", "synthetic", size=33), seed=3, keep_original=False)
+
+
+def test_training_batches_identical_with_zero_and_two_workers(cache_synthetic_root):
+    """Augmentation randomness comes from per-episode seeds, not from the worker processes."""
+    from pipeline.train import epoch_loader
+
+    dataset = _training_episodes(cache_synthetic_root)
     main = list(epoch_loader(dataset, epoch=1, first_batch=1, batch_size=2, num_workers=0, pin=False))
     workers = list(epoch_loader(dataset, epoch=1, first_batch=1, batch_size=2, num_workers=2, pin=False))
     assert len(main) == len(workers) == len(dataset) // 2 - 1
@@ -47,16 +52,12 @@ def test_small_worker_batches_travel_as_arrays_and_large_ones_as_tensors(cache_s
     a socket round trip per shared-memory tensor) and comes out as the same tensors."""
     import numpy as np
 
-    import pipeline.train as T
-    from fss.data.episodes import EpisodeDataset, TrainEpisodeSampler, collate_episodes
-    from fss.data.transforms import build_train_transform
+    import fss.data.episodes as T
 
-    data = T.open_prepared(cache_synthetic_root, 0, "train", cache=True)
-    dataset = EpisodeDataset(data, TrainEpisodeSampler(data, shot=1, seed=3),
-                             build_train_transform("pfenet", "synthetic", size=33), seed=3, keep_original=False)
+    dataset = _training_episodes(cache_synthetic_root)
     dataset.set_epoch(0)
     samples = [dataset[0], dataset[1]]
-    reference = collate_episodes(samples)
+    reference = T.collate_episodes(samples)
     small = T.collate_small_as_arrays(samples)
     assert all(isinstance(v, np.ndarray) for v in small.values())
     assert _tensors_equal(reference, T.arrays_to_tensors(small))
