@@ -7,7 +7,7 @@ sequence), a ``stage_channels`` dict giving each stage's output channels, and
 
 | name | layout | strides of layer0..4 | channels |
 |---|---|---|---|
-| small | small CNN (``small.py``) | 4, 4, 8, 8, 8 | 32, 32, 64, 128, 256 |
+| small | small CNN (``small.py``) | 4, 4, 8, 8, 8 | 32, 32, 64, 128, 128 |
 | resnet50, resnet101 | torchvision ResNet, 7x7 stem, dilated (``resnet.py``) | 4, 4, 8, 8, 8 | 64, 256, 512, 1024, 2048 |
 | resnet50v2, resnet101v2 | PSPNet/PFENet deep stem, dilated | 4, 4, 8, 8, 8 | 128, 256, 512, 1024, 2048 |
 | vgg16 | PANet's VGG16, no BN (``vgg.py``) | 2, 4, 8, 8, 8 | 64, 128, 256, 512, 512 |

