@@ -214,14 +214,16 @@ def run_via_server(argv: list[str]) -> int | None:
             _send(sock, {"argv": [sys.argv[0], *argv], "cwd": os.getcwd(), "env": env, "fingerprint": fp,
                          "umask": _current_umask()}, fds)
             reply = _recv(sock)
+            if not reply.get("ready"):
+                return None  # a server of another environment (it stops itself): run here
+            # from "go" on the command is the server's: no fallback, so it can never run twice
+            _send(sock, {"go": True})
         except (OSError, EOFError, ValueError):
-            return None  # a server that cannot take the request: run here
+            return None  # no worker exists yet: run here
         finally:
             for fd, std in zip(fds, range(3)):
                 if fd != std:
                     os.close(fd)
-        if "pid" not in reply:
-            return None  # stale server (it stops itself); run here
         sock.settimeout(None)
         return _wait_for_worker(sock)
 
@@ -239,20 +241,24 @@ def _wait_for_worker(sock: socket.socket) -> int:
         if sig is not None:
             previous[sig] = signal.signal(sig, forward)
     try:
-        result = _recv(sock)
+        started = _recv(sock)
+        result = _recv(sock) if "pid" in started else started
     except (OSError, EOFError, ValueError):
-        sys.stderr.write("error: the fss fork server lost the command's worker; run it again with FSS_FORKSERVER=0.\n")
-        return 1
+        result = {}
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if result.get("signal"):
+    if "signal" in result:
         sig = int(result["signal"])
         sys.stdout.flush()
         signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
         return 128 + sig
-    return int(result.get("exit", 1))
+    if "exit" in result:
+        return int(result["exit"])
+    sys.stderr.write("error: the fss fork server lost this command's worker; run it again (FSS_FORKSERVER=0 "
+                     "runs it without the server).\n")
+    return 1
 
 
 def _std_fd(fd: int) -> int:
@@ -432,6 +438,9 @@ def _runner(conn: socket.socket, fp: str, log) -> Request:
             os.kill(os.getppid(), signal.SIGTERM)  # stop the outdated server; the client starts a new one
             os._exit(0)
         request = Request(message, fds)
+        _send(conn, {"ready": True})
+        if not _recv(conn).get("go"):
+            os._exit(0)
         pid = os.fork()
         if pid == 0:
             conn.close()
@@ -534,7 +543,10 @@ def main() -> None:
             sys.exit(0)
         become_worker(request)  # a forked worker: from here on, the client's command
     else:
-        code = run_via_server(sys.argv[1:])
+        try:
+            code = run_via_server(sys.argv[1:])
+        except KeyboardInterrupt:
+            sys.exit(130)
         if code is not None:
             sys.exit(code)
     from pipeline.cli import main as cli_main
