@@ -18,23 +18,25 @@ copy of itself, which then runs the command exactly as a fresh process would:
 * a server is reused only by a client whose fingerprint matches the server's own
   (:func:`fingerprint`: interpreter and flags, ``sys.path`` and the modification times of
   its folders, so an install or ``uv sync`` invalidates it, this file, the user and every
-  environment variable except the per-stage ones in :data:`VOLATILE_ENV`); a mismatch
-  stops the old server and the command runs in-process;
-* anything that fails on the way (no server yet, a stale one, an unsupported platform)
-  falls back to running the command in the client's own process, and a missing server is
-  started in the background (detached, its own session) for the next command. It exits
-  once no command of its has run for ``FSS_FORKSERVER_IDLE`` seconds (default 60).
+  environment variable except the per-stage ones in :data:`VOLATILE_ENV`); a server that
+  gets a request of another environment stops, and that command runs in-process;
+* anything that fails before the hand-over (no server yet, a stale one, an unsupported
+  platform) runs the command in the client's own process, and a missing server is started
+  in the background (detached, its own session) for the next command. The hand-over is
+  two-phase (the server accepts the request, the client says "go", only then is the
+  worker forked), so a command never runs both in the client and in a worker. A server
+  exits once no command of its has run for ``FSS_FORKSERVER_IDLE`` seconds (default 60).
 
 ``FSS_FORKSERVER=0`` turns it off everywhere, ``1`` turns it on outside DVC too. Only
 Linux is supported (fork, Unix sockets with fd passing, ``SO_PEERCRED``); elsewhere the
-client always runs in-process. The socket lives in a 0700 folder of the user
-(``$XDG_RUNTIME_DIR`` or ``/tmp/fss-forkserver-<uid>``) and the server serves only its own
-user.
+client always runs in-process. The socket is in Linux's abstract namespace and the server
+serves only its own user; its lock file (the server's pid) and log (a line per command) are
+in the user's 0700 folder ``$XDG_RUNTIME_DIR/fss-forkserver-<uid>`` (``/tmp`` without
+``XDG_RUNTIME_DIR``).
 """
 
 from __future__ import annotations
 
-import array
 import errno
 import hashlib
 import json
