@@ -451,9 +451,13 @@ def _runner(conn: socket.socket, fp: str, log) -> Request:
         for fd in fds:
             os.close(fd)
         started = time.monotonic()
-        conn.settimeout(None)
-        _send(conn, {"pid": pid})
-        result = _relay(conn, pid)
+        try:
+            conn.settimeout(None)
+            _send(conn, {"pid": pid})
+            result = _relay(conn, pid)
+        except BaseException:  # noqa: BLE001 - the runner broke: its worker must not run on unwatched
+            _kill(pid, signal.SIGTERM)
+            raise
         log.write(f"worker {pid}: {' '.join(request.argv[1:])} in {request.cwd} -> {result} "
                   f"({time.monotonic() - started:.1f} s)\n")
     except BaseException:  # noqa: BLE001 - a runner never returns into the server loop
@@ -462,7 +466,10 @@ def _runner(conn: socket.socket, fp: str, log) -> Request:
 
 
 def _relay(conn: socket.socket, pid: int) -> dict:
-    pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    try:
+        pidfd = os.pidfd_open(pid)  # readable when the worker ends (Linux 5.3+)
+    except (AttributeError, OSError):
+        pidfd = None  # poll instead
     watched = [conn] + ([pidfd] if pidfd is not None else [])
     client_gone_at = None
     while True:
@@ -470,7 +477,7 @@ def _relay(conn: socket.socket, pid: int) -> dict:
         if done:
             break
         if client_gone_at is not None and time.monotonic() - client_gone_at > 60:
-            os.kill(pid, signal.SIGKILL)
+            _kill(pid, signal.SIGKILL)  # SIGTERM was not enough
         ready, _, _ = select.select(watched, [], [], 0.05 if pidfd is None else 1.0)
         if conn in ready:
             try:
