@@ -84,14 +84,16 @@ def supported() -> bool:
 
 
 def wanted(env: dict | None = None) -> bool:
-    """Whether ``fss`` should go through the fork server: ``FSS_FORKSERVER`` 1/0, else under DVC."""
+    """Whether ``fss`` should go through the fork server: ``FSS_FORKSERVER`` 1/0, else under DVC
+    (except under torchrun)."""
     env = os.environ if env is None else env
     switch = env.get(ENV_SWITCH, "").strip().lower()
     if switch in ("0", "false", "no", "off"):
         return False
     if switch in ("1", "true", "yes", "on"):
         return True
-    return bool(env.get("DVC_STAGE"))
+    # torchrun's ranks differ in their environment (RANK, ...), so none could share a server
+    return bool(env.get("DVC_STAGE")) and "TORCHELASTIC_RUN_ID" not in env and "LOCAL_RANK" not in env
 
 
 def idle_seconds(env: dict | None = None) -> float:

@@ -66,6 +66,7 @@ def test_switch_and_fingerprint():
     assert not F.wanted({"DVC_STAGE": "train@pfenet-0", "FSS_FORKSERVER": "0"})
     assert F.wanted({"FSS_FORKSERVER": "1"})
     assert not F.wanted({})
+    assert not F.wanted({"DVC_STAGE": "train@pfenet-0", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"})
     base = {"PATH": "/usr/bin", "DVC_STAGE": "a", "PWD": "/x"}
     # per-stage variables do not matter, every other one does
     assert F.fingerprint(base) == F.fingerprint(dict(base, DVC_STAGE="b", PWD="/y"))
