@@ -201,7 +201,7 @@ def run_via_server(argv: list[str]) -> int | None:
     env = dict(os.environ)
     fp = fingerprint(env)
     try:
-        address, stem = server_files(fp)
+        address, _stem = server_files(fp)
     except OSError:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -209,7 +209,7 @@ def run_via_server(argv: list[str]) -> int | None:
         sock.connect(address)
     except OSError:
         sock.close()
-        start_server(stem, fp)
+        start_server(fp)
         return None
     with sock:
         fds = [_std_fd(i) for i in range(3)]
@@ -280,7 +280,7 @@ def _current_umask() -> int:
     return mask
 
 
-def start_server(stem: str, fp: str) -> None:
+def start_server(fp: str) -> None:
     """Start a server for this environment in the background (it imports, then listens)."""
     import subprocess
 
@@ -289,7 +289,7 @@ def start_server(stem: str, fp: str) -> None:
         return
     try:
         subprocess.Popen(
-            [sys.executable, script, SERVE_ARG, stem, fp],
+            [sys.executable, script, SERVE_ARG, fp],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             close_fds=True, start_new_session=True, cwd="/",
         )
@@ -311,8 +311,8 @@ class Request:
         self.fds = fds
 
 
-def serve(stem: str, expected: str) -> Request | None:
-    """Serve until idle (files at ``stem``, see :func:`server_files`); returns only in a forked
+def serve(expected: str) -> Request | None:
+    """Serve until idle (at :func:`server_files` of ``expected``); returns only in a forked
     worker, with its request.
 
     ``expected``: the starting client's fingerprint; a server that would differ (another
@@ -324,9 +324,7 @@ def serve(stem: str, expected: str) -> Request | None:
 
     if fingerprint() != expected:
         return None
-    address, own_stem = server_files(expected)
-    if own_stem != stem:
-        return None
+    address, stem = server_files(expected)
     lock = open(stem + ".lock", "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -548,8 +546,8 @@ def become_worker(request: Request) -> None:
 
 def main() -> None:
     """The ``fss`` console script: through a warm server where wanted and possible, else in-process."""
-    if len(sys.argv) == 4 and sys.argv[1] == SERVE_ARG:
-        request = serve(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 3 and sys.argv[1] == SERVE_ARG:
+        request = serve(sys.argv[2])
         if request is None:
             sys.exit(0)
         become_worker(request)  # a forked worker: from here on, the client's command
