@@ -15,8 +15,6 @@ CHECKPOINT_KEYS = Path(__file__).parent / "fixtures" / "checkpoint_keys"
 # Tracking stays off in tests unless a test turns it on explicitly.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
-# `fss` under DVC goes through the fork server by default; tests switch it on where they test it.
-os.environ.setdefault("FSS_FORKSERVER", "0")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -56,38 +56,3 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     for n in needles:
         assert n in lines[0], (n, lines[0])
 
-
-def forkserver_env(env: dict, runtime: Path, **values: str) -> dict:
-    """``env`` with a private folder for fork-server sockets (``XDG_RUNTIME_DIR``), so that no
-    other test's or user's server is reused, and FSS_FORKSERVER* values (``FSS_FORKSERVER=None``
-    removes the switch: on under DVC, off elsewhere)."""
-    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
-    env = dict(env, XDG_RUNTIME_DIR=str(runtime), FSS_FORKSERVER_IDLE="120")
-    env.pop("DVC_STAGE", None)
-    for key, value in values.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
-
-
-def forkserver_log(runtime: Path) -> str:
-    import os
-
-    logs = list((runtime / f"fss-forkserver-{os.getuid()}").glob("*.log"))
-    return "\n".join(p.read_text() for p in logs)
-
-
-def stop_forkservers(runtime: Path) -> None:
-    """SIGTERM every fork server that serves from ``runtime`` (their pids are in the lock files)."""
-    import os
-    import signal
-
-    for lock in runtime.glob("fss-forkserver-*/*.lock"):
-        text = lock.read_text().strip()
-        if text.isdigit():
-            try:
-                os.kill(int(text), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
