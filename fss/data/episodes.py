@@ -57,7 +57,7 @@ TRAIN_SAMPLINGS = ("pfenet", "panet")
 SUPPORT_ANNOTATIONS = ("dense", "bbox", "scribble")
 
 #: support-mask value for pixels of ANOTHER class of the same N-way episode (PANet's
-#: reference leaves them out of the support background; ``fss.models.panet`` reads it)
+#: reference leaves them out of the support background; ``fss.models.methods.panet`` reads it)
 OTHER_EPISODE_CLASS = 2
 
 STREAM_EPISODE = 0

@@ -1,7 +1,11 @@
 """Method registry and knob validation.
 
 A method registers itself with :func:`register_method`, naming its base method and
-its knobs (each a :class:`Knob` with a default and the allowed values). The registry
+its knobs (each a :class:`Knob` with a default and the allowed values). The knob table is
+the only place a knob's default is written: constructors take knobs as keyword-only
+arguments without defaults (checked at registration), and :func:`create_model` fills them
+in. Every method module is imported by :mod:`fss.models.methods` (listed there
+explicitly), which importing any ``fss.models`` module runs first. The registry
 builds models from a plain config, refusing unknown and out-of-range knobs with a
 one-line :class:`~fss.errors.ConfigError`::
 
@@ -13,13 +17,12 @@ one-line :class:`~fss.errors.ConfigError`::
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from fss.coerce import coerce_value
 from fss.errors import ConfigError
-
-_MISSING = object()
-
 
 @dataclass(frozen=True)
 class Knob:
@@ -54,64 +57,23 @@ class Knob:
 
     def coerce(self, method: str, name: str, value: Any) -> Any:
         """Return ``value`` converted to this knob's type, or raise ConfigError."""
-        where = f"knob '{name}' of method '{method}'"
-        try:
-            v = _coerce(value, self.kind, self.item_kind)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"{where} must be of type {self.kind.__name__}, got {value!r}; "
-                f"default is {self.default!r}."
-            ) from None
-        items = v if isinstance(v, list) else [v]
-        if self.choices is not None and any(i not in self.choices for i in items):
-            raise ConfigError(
-                f"{where} got {value!r}; allowed values are {list(self.choices)}."
-            )
-        for i in items:
-            if isinstance(i, (int, float)) and not isinstance(i, bool):
-                if (self.low is not None and i < self.low) or (
-                    self.high is not None and i > self.high
-                ):
-                    raise ConfigError(
-                        f"{where} got {value!r}; it must lie in [{self.low}, {self.high}]."
-                    )
-        return v
+        return coerce_value(
+            f"knob '{name}' of method '{method}'", value, self.kind, self.item_kind,
+            choices=self.choices, low=self.low, high=self.high,
+        )
 
 
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int,)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-        return False
-    raise ValueError(value)
-
-
-def _coerce(value: Any, kind: type, item_kind: type | None) -> Any:
-    if kind is bool:
-        return _parse_bool(value)
-    if kind is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(value)
-        return int(value)
-    if kind is float:
-        if isinstance(value, bool):
-            raise ValueError(value)
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return value
-    if kind is list:
-        if isinstance(value, str):
-            value = [p for p in value.replace("[", "").replace("]", "").split(",") if p.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(value)
-        return [_coerce(v, item_kind, None) if item_kind else v for v in value]
-    raise TypeError(kind)
+def _constructor_defaults(cls, knobs: dict[str, Knob]) -> list[str]:
+    """Knobs given a default by a constructor in ``cls``'s MRO (the knob table is the one place)."""
+    found = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.name in knobs and p.default is not inspect.Parameter.empty:
+                found.append(f"{klass.__name__}.{p.name}")
+    return found
 
 
 @dataclass
@@ -149,6 +111,12 @@ def register_method(
     def deco(cls):
         if name in _REGISTRY:
             raise RuntimeError(f"method {name!r} registered twice")
+        duplicated = _constructor_defaults(cls, knobs)
+        if duplicated:
+            raise RuntimeError(
+                f"method {name!r}: {', '.join(duplicated)} repeat a knob default in the constructor; "
+                "remove it there, the knob table is the one place for defaults."
+            )
         doc = (cls.__doc__ or "").strip()
         summary = help or (doc.splitlines()[0] if doc else "")
         _REGISTRY[name] = MethodSpec(name, base, dict(knobs), cls, summary, tuple(backbones))
@@ -158,18 +126,11 @@ def register_method(
     return deco
 
 
-def _ensure_loaded() -> None:
-    # Importing the models package imports every method module, which registers them.
-    import fss.models  # noqa: F401
-
-
 def list_methods() -> list[str]:
-    _ensure_loaded()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> MethodSpec:
-    _ensure_loaded()
     if name not in _REGISTRY:
         raise ConfigError(
             f"unknown method {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}."

@@ -75,7 +75,7 @@ def test_apanet_class_agnostic_prior_is_float32_under_autocast():
 
 
 def test_celp_latent_prior_is_float32_under_autocast(monkeypatch):
-    import fss.models.celp as celp_module
+    import fss.models.methods.celp as celp_module
 
     seen = []
     original = celp_module.prototype_cosine_prior

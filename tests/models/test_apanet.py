@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-import fss.models.apanet as apanet_module
+import fss.models.methods.apanet as apanet_module
 from fss.errors import ConfigError
 from fss.models import create_model
-from fss.models.apanet import class_agnostic_target, grid_regions, query_regions
+from fss.models.methods.apanet import class_agnostic_target, grid_regions, query_regions
 
 TINY = dict(pyramid_bins=[6, 3, 1.0], reduce_dim=16)
 

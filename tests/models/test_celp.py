@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import fss.models.celp as celp_module
+import fss.models.methods.celp as celp_module
 from fss.errors import CheckpointError, ConfigError, DataError
 from fss.models import create_model
-from fss.models.celp import CELP
+from fss.models.methods.celp import CELP
 from fss.models.checkpoints import import_checkpoint
 
 #: key<TAB>shape<TAB>dtype listings of the released checkpoints (copies of spec/checkpoints)

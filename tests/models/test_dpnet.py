@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fss.errors import ConfigError
 from fss.models import create_model, get_method
 from fss.models.backbones import build_backbone
-from fss.models.dpnet import (
+from fss.models.methods.dpnet import (
     DPNet,
     PrototypeInteraction,
     cycle_candidates,

@@ -16,7 +16,7 @@ from fss.errors import CheckpointError, ConfigError
 from fss.models import create_model
 from fss.models.blocks import bilinear_matrix, masked_average_pool, upsampled_masked_average_pool
 from fss.models.checkpoints import import_checkpoint, save_model_file
-from fss.models.panet import (
+from fss.models.methods.panet import (
     OTHER_EPISODE_CLASS,
     background_mask,
     par_support_label,

@@ -10,7 +10,7 @@ from fss.errors import CheckpointError, ConfigError
 from fss.models import create_model
 from fss.models.blocks import resize_bilinear
 from fss.models.checkpoints import import_checkpoint
-from fss.models.pfenet import PFENet, bin_side, parse_pyramid_bins
+from fss.models.methods.pfenet import PFENet, bin_side, parse_pyramid_bins
 
 #: key<TAB>shape<TAB>dtype listings of the released checkpoints (copies of spec/checkpoints)
 SPEC = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoint_keys"

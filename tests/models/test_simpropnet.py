@@ -9,8 +9,8 @@ import torch
 
 from fss.errors import ConfigError
 from fss.models import create_model
-from fss.models.canet import CANET_MAP_EPS
-from fss.models.simpropnet import FBAFusion, fg_bg_attention, pairwise_normalise, similarity_attention
+from fss.models.methods.canet import CANET_MAP_EPS
+from fss.models.methods.simpropnet import FBAFusion, fg_bg_attention, pairwise_normalise, similarity_attention
 
 from tests.models.episodes import random_episode
 

@@ -138,12 +138,13 @@ class CANet(FSSModel):
         backbone: str = "resnet50",
         shot: int = 1,
         backbone_weights: str | None = None,
-        iom_iterations: int = 4,
-        history_mode: str = "in_forward",
-        history_prob: float = 0.3,
-        train_history_steps: int = 1,
-        backbone_bn_train: bool = False,
-        channels: int = 256,
+        *,
+        iom_iterations: int,
+        history_mode: str,
+        history_prob: float,
+        train_history_steps: int,
+        backbone_bn_train: bool,
+        channels: int,
     ) -> None:
         super().__init__()
         self.feature_channels = int(channels)

@@ -44,7 +44,7 @@ from fss.models.blocks import (
     prototype_cosine_prior,
     resize_bilinear,
 )
-from fss.models.pfenet import PFENET_BACKBONES, PFENET_KNOBS, PFENet, PFENetFeatures
+from fss.models.methods.pfenet import PFENET_BACKBONES, PFENET_KNOBS, PFENet, PFENetFeatures
 from fss.models.registry import Knob, register_method
 
 APANET_KNOBS = {
@@ -103,14 +103,15 @@ class APANet(PFENet):
 
     def __init__(
         self,
-        n_clusters: int = 3,
-        lam: float = 0.5,
-        assignment: str = "d",
-        fg_negative: str = "random_query",
-        prototype_generator: str = "kmeans",
-        spp_bins: int = 4,
-        kmeans_iters: int = 10,
-        agnostic_prior: str = "prototype_cosine",
+        *,
+        n_clusters: int,
+        lam: float,
+        assignment: str,
+        fg_negative: str,
+        prototype_generator: str,
+        spp_bins: int,
+        kmeans_iters: int,
+        agnostic_prior: str,
         **pfenet_knobs,
     ) -> None:
         super().__init__(**pfenet_knobs)

@@ -44,7 +44,7 @@ from fss.models.blocks import (
     resize_bilinear,
 )
 from fss.models.checkpoints import register_importer
-from fss.models.pfenet import PFENET_BACKBONES, PFENET_KNOBS, PFENet, PFENetFeatures, _reduction, build_from_reference
+from fss.models.methods.pfenet import PFENET_BACKBONES, PFENET_KNOBS, PFENet, PFENetFeatures, _reduction, build_from_reference
 from fss.models.registry import Knob, register_method
 
 VOTE_MODES = tuple(f"vote-{v}" for v in range(1, 11))
@@ -82,11 +82,12 @@ class CELP(PFENet):
 
     def __init__(
         self,
-        delta: float = 0.65,
-        sigma: int = 10,
-        ce_weight: float = 0.1,
-        kshot_mode: str = "avg",
-        reference_diagonal_quirk: bool = False,
+        *,
+        delta: float,
+        sigma: int,
+        ce_weight: float,
+        kshot_mode: str,
+        reference_diagonal_quirk: bool,
         **pfenet_knobs,
     ) -> None:
         super().__init__(**pfenet_knobs)
@@ -182,6 +183,6 @@ class CELP(PFENet):
 
 @register_importer("celp")
 def import_celp(path, shot: int = 1, pyramid_bins=None, **knobs) -> tuple[FSSModel, dict]:
-    """Load a released CELP (PFENet-based) checkpoint: like :func:`fss.models.pfenet.import_pfenet`
+    """Load a released CELP (PFENet-based) checkpoint: like :func:`fss.models.methods.pfenet.import_pfenet`
     but with the shared ``down_feat``; extra CELP knobs (e.g. ``kshot_mode``) may be given."""
     return build_from_reference(path, "celp", "celp", shot=shot, pyramid_bins=pyramid_bins, **knobs)

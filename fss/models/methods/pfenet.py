@@ -144,10 +144,11 @@ class PFENet(FSSModel):
         backbone: str = "small",
         shot: int = 1,
         backbone_weights: str | None = None,
-        pyramid_bins=tuple(PASCAL_BINS),
-        aux_weight: float = 1.0,
-        reduce_dim: int = 256,
-        backbone_bn_train: bool = False,
+        *,
+        pyramid_bins,
+        aux_weight: float,
+        reduce_dim: int,
+        backbone_bn_train: bool,
     ) -> None:
         super().__init__()
         self.backbone_name = backbone

@@ -34,7 +34,7 @@ from torch import nn
 
 from fss.models.base import ModelOutput
 from fss.models.blocks import ASPPHead, masked_average_pool
-from fss.models.canet import CANET_BACKBONES, CANET_KNOBS, CANET_MAP_EPS, IGNORE_INDEX, CANet, _resize, _split_episode
+from fss.models.methods.canet import CANET_BACKBONES, CANET_KNOBS, CANET_MAP_EPS, IGNORE_INDEX, CANet, _resize, _split_episode
 from fss.models.registry import Knob, register_method
 
 SIMPROPNET_KNOBS = {
@@ -106,12 +106,13 @@ class SimPropNet(CANet):
         backbone: str = "resnet50",
         shot: int = 1,
         backbone_weights: str | None = None,
-        dpr: bool = True,
-        fbaf: bool = True,
-        ica: bool = True,
-        ica_p0: float = 0.25,
-        ica_decay: float = 5.0,
-        zpool: str = "map",
+        *,
+        dpr: bool,
+        fbaf: bool,
+        ica: bool,
+        ica_p0: float,
+        ica_decay: float,
+        zpool: str,
         **canet_knobs,
     ) -> None:
         super().__init__(backbone=backbone, shot=shot, backbone_weights=backbone_weights, **canet_knobs)

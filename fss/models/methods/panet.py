@@ -118,10 +118,11 @@ class PANet(FSSModel):
         backbone: str = "vgg16",
         shot: int = 1,
         backbone_weights: str | None = None,
-        par: bool = True,
-        lambda_par: float = 1.0,
-        alpha: float = 20.0,
-        ways: int = 1,
+        *,
+        par: bool,
+        lambda_par: float,
+        alpha: float,
+        ways: int,
     ) -> None:
         super().__init__()
         self.shot = shot

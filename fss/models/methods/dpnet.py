@@ -81,7 +81,7 @@ from fss.models.backbones import build_backbone
 from fss.models.backbones.resnet import Bottleneck
 from fss.models.base import FSSModel, ModelOutput
 from fss.models.blocks import ASPPHead, cross_entropy_ignore, masked_average_pool, resize_bilinear
-from fss.models.canet import CANET_MAP_EPS
+from fss.models.methods.canet import CANET_MAP_EPS
 from fss.models.registry import Knob, register_method
 
 IGNORE_INDEX = 255
@@ -293,25 +293,26 @@ class DPNet(FSSModel):
         backbone: str = "resnet50",
         shot: int = 1,
         backbone_weights: str | None = None,
-        ccm: bool = True,
-        pim: bool = True,
-        msf: bool = True,
-        pseudo_prototype: str = "ccm",
-        discriminator: bool = True,
-        beta_train: float = 0.5,
-        beta_test: float = 0.2,
-        lambda1: float = 1.0,
-        lambda2: float = 1.0,
-        dis_loss_set: str = "kept",
-        multiscale: bool = False,
-        multiscale_scales=(0.7, 1.0, 1.3),
-        infer_branch: str = "main",
-        pim_hidden: int = 64,
-        pim_alpha_init: float = 0.0,
-        dis_hidden: int = 64,
-        msf_shared: bool = False,
-        backbone_bn_train: bool = False,
-        channels: int = 256,
+        *,
+        ccm: bool,
+        pim: bool,
+        msf: bool,
+        pseudo_prototype: str,
+        discriminator: bool,
+        beta_train: float,
+        beta_test: float,
+        lambda1: float,
+        lambda2: float,
+        dis_loss_set: str,
+        multiscale: bool,
+        multiscale_scales,
+        infer_branch: str,
+        pim_hidden: int,
+        pim_alpha_init: float,
+        dis_hidden: int,
+        msf_shared: bool,
+        backbone_bn_train: bool,
+        channels: int,
     ) -> None:
         super().__init__()
         self.feature_channels = int(channels)
