@@ -16,10 +16,9 @@ Conventions
 * Images use bilinear interpolation, masks nearest. PFENet (cv2) resizes without
   anti-aliasing; PANet/HSNet/CANet resize PIL images, which anti-aliases when shrinking:
   each preset's ``antialias`` default follows its reference.
-* The geometric primitives are plain torch (``interpolate``, ``grid_sample``, ``conv2d``) and
-  compute what torchvision.transforms.v2's resize / rotate / gaussian_blur compute (the tests
-  compare them); importing torchvision costs several seconds per process, which the
-  pipeline's many short stages would pay over and over.
+* Resize, rotate, blur, flip, pad, crop and normalisation are
+  ``torchvision.transforms.v2.functional`` called with the reference codebases' settings
+  (the tests check those settings against an independent formulation of each operation).
 """
 
 from __future__ import annotations
@@ -27,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as nnf
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
 
 from fss.data.classes import IGNORE_INDEX
 from fss.errors import ConfigError
@@ -74,13 +75,12 @@ def masks_to_tensor(masks: np.ndarray) -> torch.Tensor:
 
 def normalize(image255: torch.Tensor) -> torch.Tensor:
     """ImageNet normalisation of a 0..255 image: ``(x / 255 - mean) / std``."""
-    mean = image255.new_tensor(MEAN_PIXEL_255).view(3, 1, 1)
-    std = image255.new_tensor([s * 255.0 for s in IMAGENET_STD]).view(3, 1, 1)
-    return (image255 - mean) / std
+    return TF.normalize(image255, list(MEAN_PIXEL_255), [s * 255.0 for s in IMAGENET_STD])
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`normalize` (back to 0..255) for ``[3,H,W]`` or ``[B,3,H,W]``."""
+    # torchvision has no inverse of normalize
     mean = image.new_tensor(MEAN_PIXEL_255).view(3, 1, 1)
     std = image.new_tensor([s * 255.0 for s in IMAGENET_STD]).view(3, 1, 1)
     return image * std + mean
@@ -89,73 +89,34 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- geometric primitives
 
 
-def _resize(x: torch.Tensor, height: int, width: int, mode: str, antialias: bool = False) -> torch.Tensor:
-    """Resize ``[C, H, W]``: float images bilinear (half-pixel centres, optional antialias),
-    integer masks nearest (torch's "nearest", as torchvision's NEAREST)."""
-    if mode == "nearest":
-        return nnf.interpolate(x[None], size=(height, width), mode="nearest")[0]
-    return nnf.interpolate(x[None], size=(height, width), mode="bilinear", align_corners=False,
-                           antialias=antialias)[0]
-
-
 def resize_pair(image: torch.Tensor, masks: torch.Tensor, height: int, width: int,
                 antialias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize image (bilinear) and masks (nearest) to ``height x width``."""
+    """Resize image and masks to ``height x width``: the image bilinear with half-pixel
+    centres (cv2 ``INTER_LINEAR`` when ``antialias`` is off, PIL's when on), the masks
+    nearest (torchvision's NEAREST: source index ``floor(dst * scale)``, as cv2
+    ``INTER_NEAREST``), so labels stay exact and 255 stays 255."""
     if image.shape[-2:] == (height, width):
         return image, masks
-    return _resize(image, height, width, "bilinear", antialias), _resize(masks, height, width, "nearest")
+    size = [int(height), int(width)]
+    return (TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=antialias),
+            TF.resize(masks, size, interpolation=InterpolationMode.NEAREST))
 
 
 def rotate_about_centre(x: torch.Tensor, angle: float, mode: str, fill) -> torch.Tensor:
     """Rotate ``[C, H, W]`` by ``angle`` degrees counter-clockwise about the image centre,
-    same size; pixels from outside the image get ``fill`` (one value per channel).
-
-    Inverse mapping: an output pixel at ``(u, v)`` from the centre (pixel centres, y down)
-    samples the input at ``(u cos a - v sin a, u sin a + v cos a)`` (``grid_sample``,
-    ``align_corners=False``). Out-of-image weight is tracked with an extra all-ones channel:
-    bilinear blends ``fill`` in by the missing weight, nearest takes ``fill`` where less than
-    half of the weight is inside.
-    """
-    channels, height, width = x.shape
-    theta = torch.deg2rad(torch.tensor(float(angle), dtype=torch.float64))
-    cos_a, sin_a = float(torch.cos(theta)), float(torch.sin(theta))
-    u = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width, dtype=torch.float32)
-    v = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height, dtype=torch.float32)
-    vv, uu = torch.meshgrid(v, u, indexing="ij")
-    grid = torch.stack(((uu * cos_a - vv * sin_a) / (0.5 * width),
-                        (uu * sin_a + vv * cos_a) / (0.5 * height)), dim=-1)[None]
-    values = x.float() if not torch.is_floating_point(x) else x
-    values = torch.cat((values, values.new_ones((1, height, width))), dim=0)
-    out = nnf.grid_sample(values[None], grid.to(values.dtype), mode=mode, padding_mode="zeros",
-                          align_corners=False)[0]
-    out, inside = out[:channels], out[channels:]
-    fill_t = out.new_tensor([float(f) for f in fill]).view(-1, 1, 1)
-    if mode == "nearest":
-        out = torch.where(inside < 0.5, fill_t.expand_as(out), out)
-    else:
-        out = (out - fill_t) * inside + fill_t
-    return out if torch.is_floating_point(x) else out.round().to(x.dtype)
-
-
-def gaussian_kernel1d(size: int, sigma: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian weights at the integer offsets ``-(size//2)..size//2``."""
-    offsets = torch.arange(size, dtype=torch.float32) - (size - 1) / 2.0
-    weights = torch.exp(-(offsets ** 2) / (2.0 * sigma * sigma))
-    return weights / weights.sum()
+    same size (``mode`` ``"bilinear"`` or ``"nearest"``); pixels from outside the image get
+    ``fill`` (one value per channel): bilinear blends it in by the out-of-image weight,
+    nearest takes it where less than half of the weight is inside. Integer inputs are
+    rounded back to their dtype."""
+    return TF.rotate(x, float(angle), interpolation=InterpolationMode(mode),
+                     fill=[float(f) for f in fill])
 
 
 def gaussian_blur(image: torch.Tensor, size: int, sigma: float | None = None) -> torch.Tensor:
-    """Blur a float ``[C, H, W]`` image with a ``size x size`` Gaussian (separable), borders
-    reflected; ``sigma`` defaults to the kernel-size rule of cv2/torchvision
-    ``0.3 * ((size - 1) / 2 - 1) + 0.8``."""
-    if sigma is None:
-        sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
-    channels = image.shape[0]
-    k1 = gaussian_kernel1d(size, sigma).to(image.dtype)
-    kernel = (k1[:, None] * k1[None, :]).expand(channels, 1, size, size)
-    pad = size // 2
-    padded = nnf.pad(image[None], (pad, pad, pad, pad), mode="reflect")
-    return nnf.conv2d(padded, kernel, groups=channels)[0]
+    """Blur a float ``[C, H, W]`` image with a ``size x size`` Gaussian, borders reflected
+    without repeating the edge (cv2's default ``BORDER_REFLECT_101``); ``sigma`` defaults to
+    the kernel-size rule of cv2/torchvision ``0.3 * ((size - 1) / 2 - 1) + 0.8``."""
+    return TF.gaussian_blur(image, [size, size], None if sigma is None else [sigma, sigma])
 
 
 def rand_scale(image, masks, rng: np.random.Generator, scale_range=(0.9, 1.1), antialias=False):
@@ -190,7 +151,7 @@ def rand_gaussian_blur(image, rng: np.random.Generator, radius=5, p=0.5):
 def rand_hflip(image, masks, rng: np.random.Generator, p=0.5):
     """Horizontal flip of image and masks together with probability ``p``."""
     if rng.random() < p:
-        image, masks = image.flip(-1), masks.flip(-1)
+        image, masks = TF.horizontal_flip(image), TF.horizontal_flip(masks)
     return image, masks
 
 
@@ -206,11 +167,9 @@ def pad_to_at_least(image, masks, size: int, image_fill=MEAN_PIXEL_255,
     if pad_h == 0 and pad_w == 0:
         return image, masks
     top, left = (pad_h // 2, pad_w // 2) if centered else (0, 0)
-    canvas = image.new_tensor(image_fill).view(3, 1, 1).expand(3, h + pad_h, w + pad_w).clone()
-    canvas[:, top:top + h, left:left + w] = image
-    mcanvas = masks.new_full((masks.shape[0], h + pad_h, w + pad_w), ignore_index)
-    mcanvas[:, top:top + h, left:left + w] = masks
-    return canvas, mcanvas
+    sides = [left, top, pad_w - left, pad_h - top]
+    return (TF.pad(image, sides, fill=[float(f) for f in image_fill]),
+            TF.pad(masks, sides, fill=ignore_index))
 
 
 def random_crop_keeping_foreground(image, masks, size: int, rng: np.random.Generator, *,
@@ -231,8 +190,8 @@ def random_crop_keeping_foreground(image, masks, size: int, rng: np.random.Gener
     def draw():
         top = int(rng.integers(0, h - size + 1))
         left = int(rng.integers(0, w - size + 1))
-        crop_m = masks[:, top:top + size, left:left + size]
-        return image[:, top:top + size, left:left + size], crop_m, int((crop_m[0] == 1).sum())
+        crop_m = TF.crop(masks, top, left, size, size)
+        return TF.crop(image, top, left, size, size), crop_m, int((crop_m[0] == 1).sum())
 
     crop_i, crop_m, pos = draw()
     retries = 0
@@ -259,11 +218,8 @@ def resize_pad_top_left(image, masks, size: int):
     h, w = masks.shape[-2:]
     new_h, new_w = pfenet_pad_size(h, w, size)
     image, masks = resize_pair(image, masks, new_h, new_w, antialias=False)
-    canvas = image.new_zeros((3, size, size))
-    canvas[:, :new_h, :new_w] = image
-    mcanvas = masks.new_full((masks.shape[0], size, size), IGNORE_INDEX)
-    mcanvas[:, :new_h, :new_w] = masks
-    return canvas, mcanvas
+    sides = [0, 0, size - new_w, size - new_h]
+    return TF.pad(image, sides, fill=0.0), TF.pad(masks, sides, fill=IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------- episode transforms
@@ -355,8 +311,8 @@ class CANetTrainTransform(EpisodeTransform):
         image, masks = resize_pair(image, masks, side, side, antialias=self.antialias)
         top = int(rng.integers(0, side - self.size + 1))
         left = int(rng.integers(0, side - self.size + 1))
-        image = image[:, top:top + self.size, left:left + self.size]
-        masks = masks[:, top:top + self.size, left:left + self.size]
+        image = TF.crop(image, top, left, self.size, self.size)
+        masks = TF.crop(masks, top, left, self.size, self.size)
         return rand_hflip(image, masks, rng, self.flip_p)
 
 
@@ -451,6 +407,7 @@ def to_original_resolution(logits: torch.Tensor, original_size,
     """
     h, w = _size_pair(original_size)
     target = (max(h, w),) * 2 if resize_mode == "pfenet_pad" else (h, w)
+    # torchvision's resize has no align_corners=True, which PFENet's ori_resize scoring uses
     return nnf.interpolate(logits, size=target, mode="bilinear", align_corners=True)
 
 
@@ -459,9 +416,9 @@ def pad_label_square(label: torch.Tensor, side: int, ignore_index: int = IGNORE_
     h, w = label.shape[-2:]
     if h > side or w > side:
         raise ValueError(f"label {h}x{w} does not fit a {side}x{side} square")
-    out = label.new_full((*label.shape[:-2], side, side), ignore_index)
-    out[..., :h, :w] = label
-    return out
+    # torchvision pads [..., C, H, W]: a bare [h, w] label goes through as one channel
+    padded = TF.pad(label.reshape(-1, h, w), [0, 0, side - w, side - h], fill=ignore_index)
+    return padded.reshape(*label.shape[:-2], side, side)
 
 
 def original_resolution_pairs(logits: torch.Tensor, labels: torch.Tensor, original_sizes: torch.Tensor,
