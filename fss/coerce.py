@@ -57,6 +57,8 @@ def coerce_scalar(value: Any, kind: type) -> Any:
 def type_name(kind: type | None, item_kind: type | None = None) -> str:
     if kind is list:
         return f"list of {item_kind.__name__}" if item_kind else "list"
+    if kind is bool:
+        return "true or false"
     return "null" if kind is type(None) else getattr(kind, "__name__", str(kind))
 
 

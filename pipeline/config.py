@@ -19,244 +19,40 @@ rerun (see :mod:`pipeline.runs`).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 import yaml
 
+from fss.data.classes import DATASETS, check_dataset, check_fold
 from fss.errors import ConfigError
+from fss.models.backbones import list_backbones
+from fss.models.registry import get_method, list_methods, resolve_knobs
+from pipeline.config_params import check_params, resolve_params_section  # noqa: F401  (re-exported)
+from pipeline.config_schema import (  # noqa: F401  (re-exported: the public API of the run config)
+    DEVICES,
+    OPERATIONAL_KEYS,
+    SECTIONS,
+    SELECTIONS,
+    TOP_LEVEL_KEYS,
+    DataConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    TestConfig,
+    TrackingConfig,
+    TrainLoopConfig,
+    ValidationConfig,
+    build_section,
+    describe_sections,
+    flatten,
+    section_keys,
+)
 
 #: the repository's params.yaml (used when the working directory has none)
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-
-DEVICES = ("auto", "cpu", "cuda")
-SELECTIONS = ("last", "best")
-
-
-def _opt(default, help: str = "", *, choices=None, low=None, high=None):
-    """A config field with its allowed values (checked by :func:`_coerce_field`)."""
-    meta = {"help": help, "choices": choices, "low": low, "high": high}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the prepared dataset is and how training episodes are drawn and augmented."""
-
-    root: str = _opt("data/synthetic", "prepared dataset directory ('fss prepare ...' output)")
-    convention: str | None = _opt(None, "fold convention (coco: interleaved|contiguous); null = dataset default")
-    augment: str = _opt("pfenet", "training augmentation preset", choices=("pfenet", "panet", "hsnet", "canet", "none"))
-    train_size: int | None = _opt(None, "training crop/resize side; null = the preset's (pfenet 473, COCO 641)", low=9)
-    sampling: str = _opt("pfenet", "training episode sampling: pfenet (walk the list) or panet (class uniform, N-way)", choices=("pfenet", "panet"))
-    episodes_per_epoch: int | None = _opt(None, "panet sampling only: episodes per epoch (null = list length)", low=1)
-    num_workers: int = _opt(0, "DataLoader worker processes (0 = load in the main process)", low=0, high=64)
-    cache_images: bool = _opt(False, "keep decoded images and masks in memory (small datasets: the synthetic benchmark)")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """Optimiser (protocol section 6)."""
-
-    name: str = _opt("sgd", "optimiser", choices=("sgd", "adam", "adamw"))
-    lr: float = _opt(0.0025, "base learning rate", low=0.0)
-    momentum: float = _opt(0.9, "SGD momentum", low=0.0, high=1.0)
-    weight_decay: float = _opt(1e-4, "weight decay", low=0.0)
-    nesterov: bool = _opt(False, "Nesterov momentum (SGD)")
-    pfenet_lr_x10: bool = _opt(
-        False,
-        "compatibility: PFENet's poly_learning_rate sets every param group to 10x the "
-        "scheduled lr (index_split=-1); default False = the stated lr",
-    )
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """Learning-rate schedule, evaluated per iteration from the iteration number."""
-
-    name: str = _opt("poly", "poly (pfenet family), step (panet), constant (canet)", choices=("poly", "step", "constant"))
-    power: float = _opt(0.9, "poly: lr = base * (1 - it/total)^power", low=0.0)
-    milestones: list[float] = _opt([], "step: fractions of the total iterations where lr *= gamma (panet: 10k, 20k of 30k)")
-    gamma: float = _opt(0.1, "step: factor applied at each milestone", low=0.0)
-    warmup_iterations: int = _opt(0, "linear warm-up iterations before the schedule (0 = none)", low=0)
-
-
-@dataclass(frozen=True)
-class TrainLoopConfig:
-    """Length, batch, seeds, devices and checkpointing of the training loop."""
-
-    seed: int = _opt(0, "seed of the training episodes, augmentation and model initialisation", low=0)
-    iterations: int | None = _opt(None, "number of optimiser steps (exclusive with epochs)", low=1)
-    epochs: int | None = _opt(None, "number of passes over the training list (exclusive with iterations)", low=1)
-    batch_size: int = _opt(4, "episodes per optimiser step", low=1)
-    device: str = _opt("auto", "auto (cuda if available), cpu or cuda", choices=DEVICES)
-    precision: str = _opt("fp32", "fp32, or bf16 autocast (CPU and GPU) in training, validation and evaluation", choices=("fp32", "bf16"))
-    channels_last: bool = _opt(False, "channels_last memory format for the model and the input images (train and evaluation); default false")
-    num_threads: int = _opt(0, "torch intra-op CPU threads of the training process (validation included; fss evaluate keeps torch's default); 0 = torch's default (one per core)", low=0, high=1024)
-    deterministic: str = _opt("auto", "torch.use_deterministic_algorithms: auto = on for CPU, off for CUDA", choices=("auto", "on", "off"))
-    log_every: int = _opt(10, "iterations per row of curves.csv (losses averaged over the window)", low=1)
-    checkpoint_minutes: float = _opt(5.0, "write the resume checkpoint after this many minutes of work", low=0.0)
-    checkpoint_every: int = _opt(0, "also write it every N iterations (0 = only by time and at the end)", low=0)
-    grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0 = off; no reference clips)", low=0.0)
-    dist_backend: str = _opt("auto", "torchrun only: process-group backend, auto = nccl on CUDA, gloo on CPU", choices=("auto", "nccl", "gloo"))
-    dist_timeout_minutes: float = _opt(60.0, "torchrun only: how long ranks wait for each other (rank 0 validates alone)", low=1.0)
-    sync_batchnorm: bool = _opt(True, "torchrun only: BatchNorm layers in train mode use the global batch's statistics, as one process would; default true")
-    ddp_find_unused_parameters: bool = _opt(True, "torchrun only: DDP find_unused_parameters (methods have training-only branches); default true")
-
-
-@dataclass(frozen=True)
-class ValidationConfig:
-    """Model selection on validation episodes (protocol section 6).
-
-    Episodes come from the fold's val list (the novel classes, as PFENet and SimPropNet
-    select) with seed ``seed``, distinct from the test seeds; the test protocol's size and
-    scoring are used.
-    """
-
-    select: str = _opt("last", "which weights the run keeps as model.pt: last or best (highest val mIoU)", choices=SELECTIONS)
-    every: int = _opt(0, "validate every N iterations (0 = only at the end)", low=0)
-    episodes: int = _opt(100, "validation episodes per check", low=1)
-    seed: int = _opt(123, "episode seed of validation (test seeds: pfenet 321, hsnet 0, panet 1234+)", low=0)
-
-
-@dataclass(frozen=True)
-class TestConfig:
-    """Defaults of ``fss evaluate`` for this run (the protocol preset and its overrides)."""
-
-    protocol: str = _opt("pfenet", "test protocol preset", choices=("pfenet", "bam", "hsnet", "panet", "canet"))
-    episodes: int | None = _opt(None, "episodes per run; null = the preset's (pfenet 5000 PASCAL / 20000 COCO)", low=1)
-    size: int | None = _opt(None, "test input side; null = the preset's (473, 641, 400, 417, 321)", low=9)
-    runs: int | None = _opt(None, "runs (seeds by the preset's rule); null = the preset's", low=1)
-    batch_size: int = _opt(1, "episodes per forward pass at test time", low=1)
-    num_workers: int | None = _opt(None, "DataLoader workers of evaluation and validation; null = data.num_workers", low=0, high=64)
-    feature_cache: bool = _opt(True, "reuse the frozen backbone's features of an image across episodes and shots of one 'fss evaluate' (identical metrics); default true")
-    feature_cache_mb: int = _opt(2048, "memory bound of the evaluation feature cache in MiB (least recently used evicted)", low=1)
-    feature_cache_dir: str | None = _opt(None, "also keep evaluation features on disk here, shared between processes (unbounded); null = memory only")
-    figure_episodes: int = _opt(4, "episodes drawn in the sample figure (0 = no figure)", low=0, high=32)
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    """Weights & Biases (optional; the run's own files are the source of truth)."""
-
-    wandb: bool = _opt(False, "log to W&B (offline when no credentials; WANDB_MODE is respected)")
-    project: str = _opt("fss", "W&B project")
-    entity: str | None = _opt(None, "W&B entity (team or user); null = the default")
-    init_timeout: float = _opt(30.0, "seconds wandb.init may take before tracking is given up", low=1.0)
-    images: int = _opt(4, "sample predictions logged as W&B images per evaluation", low=0, high=32)
-
-
-SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "schedule": ScheduleConfig,
-    "train": TrainLoopConfig,
-    "validation": ValidationConfig,
-    "test": TestConfig,
-    "tracking": TrackingConfig,
-}
-
-#: keys that may differ between the saved config and a resuming command (they do not
-#: change what is computed, only where, how fast, and what is reported)
-OPERATIONAL_KEYS = (
-    "train.device",
-    "train.channels_last",
-    "train.num_threads",
-    "train.dist_backend",
-    "train.dist_timeout_minutes",
-    "train.ddp_find_unused_parameters",
-    "data.num_workers",
-    "data.cache_images",
-    "train.checkpoint_minutes",
-    "train.checkpoint_every",
-    "train.log_every",
-    "test",
-    "tracking",
-)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything a training run depends on; saved as ``RUN_DIR/config.yaml``."""
-
-    method: str
-    dataset: str
-    fold: int
-    shot: int
-    backbone: str
-    backbone_weights: str | None
-    knobs: Mapping[str, Any]
-    data: DataConfig
-    optim: OptimConfig
-    schedule: ScheduleConfig
-    train: TrainLoopConfig
-    validation: ValidationConfig
-    test: TestConfig
-    tracking: TrackingConfig
-    #: where the values came from (params file, overrides): recorded, not compared
-    provenance: Mapping[str, Any] = field(default_factory=dict, compare=False)
-
-    def to_dict(self) -> dict:
-        out = {
-            "method": self.method,
-            "dataset": self.dataset,
-            "fold": self.fold,
-            "shot": self.shot,
-            "backbone": self.backbone,
-            "backbone_weights": self.backbone_weights,
-            "knobs": dict(self.knobs),
-        }
-        for name in SECTIONS:
-            out[name] = dataclasses.asdict(getattr(self, name))
-        out["provenance"] = dict(self.provenance)
-        return _plain(out)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
-
-    @property
-    def group(self) -> str:
-        """W&B group / table row key: method-dataset-backbone-shot."""
-        return f"{self.method}-{self.dataset}-{self.backbone}-{self.shot}shot"
-
-    def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values (for comparing runs and logging)."""
-        d = self.to_dict()
-        d.pop("provenance", None)
-        return flatten(d)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _plain(value: Any) -> Any:
-    """Tuples -> lists recursively, so YAML/JSON round-trips compare equal."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -302,6 +98,7 @@ def load_params(path: str | os.PathLike | None = None) -> tuple[dict, Path | Non
         raise ConfigError(f"params file {p} is not valid YAML{where}; fix the file.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"params file {p} must hold a mapping at the top level.")
+    check_params(data, p)
     return data, p
 
 
@@ -334,16 +131,11 @@ def parse_set_values(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _section_keys() -> dict[str, list[str]]:
-    return {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
-
-
-TOP_LEVEL_KEYS = ("method", "dataset", "fold", "shot", "backbone", "backbone_weights")
 
 
 def expand_set_key(key: str, knob_names: list[str]) -> str:
     """A --set key -> its dotted path; bare names must match exactly one key."""
-    sections = _section_keys()
+    sections = section_keys()
     if "." in key:
         head, _, rest = key.partition(".")
         if head == "knobs":
@@ -385,123 +177,10 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------- typed construction
-
-
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce_scalar(value: Any, tp: Any) -> Any:
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
-            return False
-        raise ValueError
-    if tp is int:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise ValueError
-            return int(value)
-        if isinstance(value, str):
-            return int(value.strip())
-        if isinstance(value, int):
-            return value
-        raise ValueError
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            return float(value.strip())
-        raise ValueError
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ValueError
-    raise ValueError
-
-
-def _coerce_field(section: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
-    key = f"{section}.{f.name}" if section else f.name
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    optional = origin in (typing.Union, types.UnionType) and type(None) in args
-    if optional:
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-            return None
-        tp = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-    try:
-        if origin is list:
-            if isinstance(value, str):
-                value = [v for v in value.strip("[]").split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)):
-                raise ValueError
-            out = [_coerce_scalar(v, args[0]) for v in value]
-        else:
-            out = _coerce_scalar(value, tp)
-    except (ValueError, TypeError):
-        want = f"list of {_type_name(args[0])}" if origin is list else _type_name(tp)
-        raise ConfigError(
-            f"config key {key} must be {'null or ' if optional else ''}{want}, got {value!r}."
-        ) from None
-    meta = f.metadata
-    items = out if isinstance(out, list) else [out]
-    if meta.get("choices") is not None and any(i not in meta["choices"] for i in items):
-        raise ConfigError(f"config key {key} got {value!r}; choose one of: {', '.join(map(str, meta['choices']))}.")
-    low, high = meta.get("low"), meta.get("high")
-    for i in items:
-        if isinstance(i, (int, float)) and not isinstance(i, bool):
-            if (low is not None and i < low) or (high is not None and i > high):
-                bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-                raise ConfigError(f"config key {key} got {value!r}; it must be {bounds}.")
-    return out
-
-
-def build_section(name: str, values: Mapping[str, Any] | None):
-    """Instantiate section ``name`` from a mapping, checking keys, types and ranges."""
-    cls = SECTIONS[name]
-    values = dict(values or {})
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"config section {name!r} has no key {unknown[0]!r}; its keys are: {', '.join(names)}."
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in values:
-            kwargs[f.name] = _coerce_field(name, f, hints[f.name], values[f.name])
-    return cls(**kwargs)
-
-
-def describe_sections() -> dict[str, dict[str, dict]]:
-    """Every config key with its default and help (for documentation and errors)."""
-    out = {}
-    for name, cls in SECTIONS.items():
-        out[name] = {}
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out[name][f.name] = {"default": default, "help": f.metadata.get("help", "")}
-    return out
-
-
 # ---------------------------------------------------------------- resolution
 
 
 def _check_backbone(method: str, backbone: str) -> None:
-    from fss.models.backbones import list_backbones
-    from fss.models.registry import get_method
 
     spec = get_method(method)
     allowed = list(spec.backbones) or list_backbones()
@@ -551,8 +230,6 @@ def resolve_run_config(
     params_path: str | os.PathLike | None = None,
 ) -> RunConfig:
     """The configuration of one training run (see the module docstring for the order)."""
-    from fss.data.classes import check_dataset, check_fold
-    from fss.models.registry import get_method
 
     spec = get_method(method)  # unknown method -> lists the registered ones
     check_dataset(dataset)
@@ -593,7 +270,6 @@ def resolve_run_config(
 def build_run_config(values: Mapping[str, Any], *, method: str, dataset: str, fold: int, shot: int,
                      provenance: Mapping[str, Any] | None = None) -> RunConfig:
     """Typed :class:`RunConfig` from merged values (also used to re-read config.yaml)."""
-    from fss.models.registry import resolve_knobs
 
     values = dict(values)
     allowed_top = set(TOP_LEVEL_KEYS) | set(SECTIONS) | {"knobs", "provenance"}
@@ -677,10 +353,8 @@ def tracking_defaults(params: Mapping[str, Any], dataset: str, method: str | Non
     return build_section("tracking", layers.get("tracking"))
 
 
-def resolve_device(name: str) -> "torch.device":  # noqa: F821
+def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
-    import torch
-
     if name not in DEVICES:
         raise ConfigError(f"unknown device {name!r}; choose one of: {', '.join(DEVICES)}.")
     if name == "auto":
@@ -696,8 +370,6 @@ def cpu_has_bf16() -> bool | None:
     Without them bf16 autocast on the CPU is emulated: on a 2-core AMD EPYC with AVX2 only, a
     2048x2048 bf16 matmul ran at 0.27 GFLOP/s against 57 GFLOP/s in fp32 (docs/benchmarks.md).
     """
-    import torch
-
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if not any(callable(p) for p in probes):
         return None
@@ -710,3 +382,4 @@ def bf16_cpu_warning(precision: str, device) -> str | None:
         return None
     return ("warning: train.precision bf16 on a CPU without bf16 instructions (no AVX512-BF16 or AMX) is emulated "
             "and far slower than fp32; use --set train.precision=fp32 here, or bf16 on a GPU or a CPU that has them.")
+

@@ -6,7 +6,13 @@ import pytest
 import yaml
 
 from fss.errors import ConfigError
-from pipeline.config import config_from_dict, load_params, parse_set_values, resolve_run_config
+from pipeline.config import (
+    config_from_dict,
+    load_params,
+    parse_set_values,
+    resolve_params_section,
+    resolve_run_config,
+)
 from pipeline.train import learning_rate
 
 
@@ -113,6 +119,61 @@ def test_bad_params_file(tmp_path):
     path = _write(tmp_path, {"defaults": {"optim": {"lr": 0.1}}})
     with pytest.raises(ConfigError, match="no length"):
         resolve_run_config(method="pfenet", dataset="synthetic", fold=0, shot=1, params_path=path)
+
+
+@pytest.mark.parametrize(
+    "data, needles",
+    [
+        ({"methods": {"pfenett": {"optim": {"lr": 0.1}}}}, ["methods has no method 'pfenett'", "pfenet", "apanet"]),
+        ({"methods": {"pfenet": {"optim": {"lrr": 0.1}}}}, ["methods.pfenet.optim has no key 'lrr'", "weight_decay"]),
+        ({"methods": {"apanet": {"knobs": {"lamda": 0.1}}}}, ["methods.apanet.knobs has no knob 'lamda'", "lam"]),
+        ({"methods": {"pfenet": {"knobs": {"lam": 0.1}}}}, ["methods.pfenet.knobs has no knob 'lam'", "reduce_dim"]),
+        ({"methods": {"pfenet": {"datasets": {"cocoa": {}}}}}, ["methods.pfenet.datasets has no dataset 'cocoa'", "coco"]),
+        ({"methods": {"pfenet": {"datasets": {"coco": {"trian": {}}}}}},
+         ["methods.pfenet.datasets.coco has no key 'trian'", "train"]),
+        ({"methods": {"pfenet": {"optimizer": {}}}}, ["methods.pfenet has no key 'optimizer'", "optim"]),
+        ({"datasets": {"pascl": {}}}, ["datasets has no dataset 'pascl'", "pascal"]),
+        ({"datasets": {"pascal": {"data": {"rooot": "x"}}}}, ["datasets.pascal.data has no key 'rooot'", "root"]),
+        ({"datasets": {"pascal": {"datasets": {}}}}, ["datasets.pascal has no key 'datasets'"]),
+        ({"defaults": {"tracking": {"wandbb": True}}}, ["defaults.tracking has no key 'wandbb'", "wandb"]),
+        ({"default": {}}, ["the top level has no section 'default'", "defaults"]),
+        ({"prepare": {"sed": 1}}, ["prepare has no key 'sed'", "train_images"]),
+        ({"benchmark": {"method": []}}, ["benchmark has no key 'method'", "methods"]),
+        ({"methods": {"pfenet": [1]}}, ["methods.pfenet must be a mapping"]),
+    ],
+)
+def test_unknown_params_sections_and_keys_are_refused(tmp_path, data, needles):
+    # issue 17: a misspelt methods.pfenett section was skipped and the run used the default lr
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    for n in needles:
+        assert n in message, (n, message)
+    with pytest.raises(ConfigError):
+        resolve_run_config(method="pfenet", dataset="pascal", fold=0, shot=1, params_path=path)
+
+
+def test_known_params_sections_load(tmp_path):
+    path = _write(tmp_path, {**LAYERED, "prepare": {"seed": 1}, "pretrain": {"lr": 0.1}, "benchmark": {"folds": [0]},
+                             "methods": {**LAYERED["methods"], "canet": None}})
+    params, _ = load_params(path)
+    assert params["prepare"] == {"seed": 1}
+
+
+def test_params_section_resolution():
+    defaults = {"epochs": 6, "lr": 0.02, "channels_last": False}
+    params = {"pretrain": {"epochs": "8", "channels_last": True}}
+    out = resolve_params_section(params, "pretrain", defaults, {"lr": 0.5, "epochs": None})
+    assert out == {"epochs": 8, "lr": 0.5, "channels_last": True} and isinstance(out["lr"], float)
+    assert resolve_params_section({}, "pretrain", defaults) == defaults
+    for bad, needle in [({"pretrain": {"epoch": 1}}, "pretrain has no key 'epoch'; its keys are: epochs, lr"),
+                        ({"pretrain": {"channels_last": "maybe"}}, "pretrain.channels_last must be true or false"),
+                        ({"pretrain": {"epochs": 1.5}}, "pretrain.epochs must be int, got 1.5"),
+                        ({"pretrain": [1]}, "params key pretrain must be a mapping")]:
+        with pytest.raises(ConfigError, match=needle):
+            resolve_params_section(bad, "pretrain", defaults)
 
 
 def test_set_values_are_parsed_as_yaml():
