@@ -8,8 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
+from fss.errors import ConfigError
+from fss.models.checkpoints import import_checkpoint, save_model_file
+from fss.models.registry import get_method, list_methods
 from pipeline.console import console
 
 checkpoint_app = typer.Typer(help="Released reference checkpoints.", no_args_is_help=True)
@@ -17,8 +21,6 @@ checkpoint_app = typer.Typer(help="Released reference checkpoints.", no_args_is_
 
 def methods(json_out: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
     """List the registered methods, their base method and their knobs (defaults, allowed values)."""
-    from fss.models.registry import get_method, list_methods
-
     described = [get_method(n).describe() for n in list_methods()]
     if json_out:
         typer.echo(json.dumps(described, indent=2))
@@ -30,8 +32,6 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print the regis
         for k, v in d["knobs"].items():
             allowed = v.get("choices") or (f"[{v['range'][0]}, {v['range'][1]}]" if "range" in v else v["type"])
             table.add_row(k, repr(v["default"]), str(allowed), v.get("table", ""), v.get("help", ""))
-        from rich.console import Console
-
         Console().print(table)
 
 
@@ -50,10 +50,6 @@ def import_(
     dataset: Optional[str] = typer.Option(None, help="pascal or coco: chooses PFENet's pyramid bins (absolute [60,30,15,8] or COCO's fractions) for pfenet/celp files."),
 ) -> None:
     """Load a released PFENet, CELP or PANet checkpoint into this project's model and save it."""
-    from fss.models.checkpoints import import_checkpoint, save_model_file
-
-    from fss.errors import ConfigError
-
     options: dict = {"shot": shot}
     if dataset is not None:
         if format is ImportFormat.panet:
