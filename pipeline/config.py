@@ -15,6 +15,11 @@ dotted paths (``optim.lr=0.01``, ``knobs.lam=0.3``) or an unambiguous last compo
 
 The resolved config is saved as ``RUN_DIR/config.yaml`` and compared with the command on a
 rerun (see :mod:`pipeline.runs`).
+
+Modules, importing one way: :mod:`pipeline.config_schema` (the sections and their
+validation) <- :mod:`pipeline.config_params` (the shape of params.yaml: unknown sections and
+keys refused; flat sections such as ``pretrain``) <- this module (the layer resolution),
+which re-exports the names the rest of the pipeline imports from ``pipeline.config``.
 """
 
 from __future__ import annotations
@@ -80,7 +85,8 @@ def load_params(path: str | os.PathLike | None = None) -> tuple[dict, Path | Non
     """The parsed params file and its path.
 
     ``path`` None: ``./params.yaml`` if present, else the repository's params.yaml, else
-    empty (dataclass defaults only).
+    empty (dataclass defaults only). Every section and key is checked by
+    :func:`~pipeline.config_params.check_params` (a typo is refused, not skipped).
     """
     if path is None:
         candidates = [Path("params.yaml"), REPO_PARAMS]
