@@ -23,7 +23,7 @@ app.command("train")(train.train_command)
 app.command("evaluate")(evaluate.evaluate_command)
 app.command("aggregate")(aggregate.aggregate_command)
 app.command("bench")(bench.bench_command)
-from pipeline import sweep; app.add_typer(sweep.app, name="sweep")  # noqa: E402,E702
+from pipeline.sweep import cli as sweep_cli; app.add_typer(sweep_cli.app, name="sweep")  # noqa: E402,E702
 
 
 def main() -> None:

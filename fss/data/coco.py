@@ -115,20 +115,7 @@ def prepare_coco(
     track: Track | None = None,
 ) -> dict:
     """Write a prepared COCO-20i directory at ``out`` (both fold conventions); return a summary."""
-    if crowd not in CROWD_MODES:
-        raise ConfigError(f"unknown crowd mode {crowd!r}; choose one of: {', '.join(CROWD_MODES)}.")
-    if int(min_area) < 0:
-        raise ConfigError(f"min_area must be >= 0, got {min_area}.")
-    coco_root = Path(coco_root)
-    if not coco_root.is_dir():
-        raise DataError(f"COCO directory {coco_root} does not exist; pass the folder holding train2014/ and val2014/.")
-    for split in SPLITS:
-        if not (coco_root / split).is_dir():
-            raise DataError(f"{coco_root / split} does not exist; --coco-root must hold train2014/ and val2014/.")
-        json_path = annotation_path(coco_root, split)
-        if not json_path.is_file():
-            raise DataError(f"annotation file {json_path} does not exist; download the COCO 2014 instances annotations.")
-
+    coco_root = _check_inputs(coco_root, crowd, min_area)
     out = P.begin_prepare(Path(out))
     areas: dict[str, dict[int, int]] = {}
     split_ids: dict[str, list[str]] = {}
@@ -144,39 +131,8 @@ def prepare_coco(
             cat_ids, class_names = split_cats, split_names
         elif split_cats != cat_ids:
             raise DataError(f"annotation file {json_path} has other category ids than the train file; use matching COCO 2014 files.")
-        class_of = {c: i + 1 for i, c in enumerate(cat_ids)}
-        ids: list[str] = []
-        skipped[split] = 0
-        image_ids = list(api.imgs)
-        for img_id in with_progress(image_ids, f"coco {split} masks", track):
-            info = api.imgs[img_id]
-            annotations = api.imgToAnns.get(img_id, [])  # JSON order, as getAnnIds returns them
-            if crowd == "skip":
-                annotations = [a for a in annotations if not a.get("iscrowd", 0)]
-            if not annotations:
-                skipped[split] += 1
-                continue
-            file_name = Path(str(info.get("file_name", "")))
-            if not file_name.name:
-                raise DataError(f"{json_path}: image {img_id} has no file_name; fix the annotation file.")
-            if image_ext is None:
-                image_ext = file_name.suffix
-            elif file_name.suffix != image_ext:
-                raise DataError(f"{json_path}: image {file_name} does not end in {image_ext} like the others; rename it.")
-            image_path = coco_root / split / file_name
-            width, height = image_size(image_path)
-            if (width, height) != (info.get("width"), info.get("height")):
-                raise DataError(
-                    f"image {image_path} is {width}x{height} but {json_path.name} says "
-                    f"{info.get('width')}x{info.get('height')}; the masks would not fit: replace the image."
-                )
-            mask = render_semantic_mask(api, info, annotations, class_of, crowd, json_path)
-            stem = file_name.with_suffix("").as_posix()
-            write_mask(out / MASK_DIR / split / f"{stem}.png", mask)
-            record_id = f"{split}/{stem}"
-            areas[record_id] = P.class_areas(mask)
-            ids.append(record_id)
-        split_ids[split] = ids
+        split_ids[split], skipped[split], image_ext = _write_split_masks(
+            api, coco_root, split, out, areas, {c: i + 1 for i, c in enumerate(cat_ids)}, crowd, image_ext, track)
         del api
 
     P.write_areas(out, areas)
@@ -212,6 +168,62 @@ def prepare_coco(
         "skipped_images": skipped,
         "lists": counts,
     }
+
+
+def _check_inputs(coco_root, crowd: str, min_area: int) -> Path:
+    """The COCO root, after checking the options and that both splits and their annotations exist."""
+    if crowd not in CROWD_MODES:
+        raise ConfigError(f"unknown crowd mode {crowd!r}; choose one of: {', '.join(CROWD_MODES)}.")
+    if int(min_area) < 0:
+        raise ConfigError(f"min_area must be >= 0, got {min_area}.")
+    coco_root = Path(coco_root)
+    if not coco_root.is_dir():
+        raise DataError(f"COCO directory {coco_root} does not exist; pass the folder holding train2014/ and val2014/.")
+    for split in SPLITS:
+        if not (coco_root / split).is_dir():
+            raise DataError(f"{coco_root / split} does not exist; --coco-root must hold train2014/ and val2014/.")
+        json_path = annotation_path(coco_root, split)
+        if not json_path.is_file():
+            raise DataError(f"annotation file {json_path} does not exist; download the COCO 2014 instances annotations.")
+    return coco_root
+
+
+def _write_split_masks(api, coco_root: Path, split: str, out: Path, areas: dict, class_of: dict[int, int],
+                       crowd: str, image_ext: str | None, track: Track | None) -> tuple[list[str], int, str | None]:
+    """Write the semantic masks of one split (``areas`` filled per record); returns the record
+    ids, the count of images skipped for having no annotation, and the image extension."""
+    json_path = annotation_path(coco_root, split)
+    ids: list[str] = []
+    skipped = 0
+    for img_id in with_progress(list(api.imgs), f"coco {split} masks", track):
+        info = api.imgs[img_id]
+        annotations = api.imgToAnns.get(img_id, [])  # JSON order, as getAnnIds returns them
+        if crowd == "skip":
+            annotations = [a for a in annotations if not a.get("iscrowd", 0)]
+        if not annotations:
+            skipped += 1
+            continue
+        file_name = Path(str(info.get("file_name", "")))
+        if not file_name.name:
+            raise DataError(f"{json_path}: image {img_id} has no file_name; fix the annotation file.")
+        if image_ext is None:
+            image_ext = file_name.suffix
+        elif file_name.suffix != image_ext:
+            raise DataError(f"{json_path}: image {file_name} does not end in {image_ext} like the others; rename it.")
+        image_path = coco_root / split / file_name
+        width, height = image_size(image_path)
+        if (width, height) != (info.get("width"), info.get("height")):
+            raise DataError(
+                f"image {image_path} is {width}x{height} but {json_path.name} says "
+                f"{info.get('width')}x{info.get('height')}; the masks would not fit: replace the image."
+            )
+        mask = render_semantic_mask(api, info, annotations, class_of, crowd, json_path)
+        stem = file_name.with_suffix("").as_posix()
+        write_mask(out / MASK_DIR / split / f"{stem}.png", mask)
+        record_id = f"{split}/{stem}"
+        areas[record_id] = P.class_areas(mask)
+        ids.append(record_id)
+    return ids, skipped, image_ext
 
 
 def annotation_path(coco_root: Path, split: str) -> Path:

@@ -160,4 +160,4 @@ def test_sweep_stage_declares_the_code_it_runs(synthetic_root, tmp_path, capsys)
         "output": str(tmp_path / "out" / "{study}"),
     }, sort_keys=False))
     _assert_declared("sweep", [["sweep", "run", str(study)], ["sweep", "report", str(study), "--out", str(tmp_path / "report")]],
-                     capsys, seen={"pipeline/sweep.py", "pipeline/train.py", "pipeline/sweep_report.py"})
+                     capsys, seen={"pipeline/sweep/run.py", "pipeline/train.py", "pipeline/sweep/report.py"})

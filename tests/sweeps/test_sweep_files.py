@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from fss.errors import ConfigError
-from pipeline.sweep import claim_waiting, is_dead, open_study, wandb_sweep
-from pipeline.sweep_storage import normalize_storage, open_storage
-from pipeline.sweep_study import load_study
+from pipeline.sweep.queueing import claim_waiting, is_dead, open_study
+from pipeline.sweep.storage import normalize_storage, open_storage
+from pipeline.sweep.study import load_study
+from pipeline.sweep.wandb_file import wandb_sweep
 
 from conftest import FSS, write_study
 from tests.pipeline.pipeline_helpers import assert_one_line_error as one_line_error
@@ -64,6 +65,21 @@ def test_bad_study_files_say_which_key_and_what_is_allowed(tmp_path, sweep_data,
     code, out, err = run_cli(["sweep", "run", path], capsys)
     one_line_error(code, err, str(path), *needles)
     assert not (tmp_path / "out").exists()  # nothing started
+
+
+@pytest.mark.parametrize("where", ["set", "params"])
+def test_a_validation_seed_of_the_test_protocol_is_refused_before_any_trial(tmp_path, sweep_data, capsys, where):
+    """Issue 17: such a study used to train every trial fully and then fail each one."""
+    from fss.data.protocols import protocol_preset
+
+    test_seed = protocol_preset("pfenet", "synthetic").seeds[0]  # the synthetic runs' test protocol
+    if where == "set":
+        path = write_study(tmp_path / "s.yaml", sweep_data, extra_set={"validation.seed": test_seed})
+    else:  # one grid point of several collides
+        path = write_study(tmp_path / "s.yaml", sweep_data, params={"validation.seed": {"values": [7, test_seed]}})
+    code, out, err = run_cli(["sweep", "run", path], capsys)
+    one_line_error(code, err, str(path), f"validation.seed {test_seed}", "test protocol pfenet")
+    assert not (tmp_path / "out").exists()  # refused before the first trial
 
 
 def test_tuning_pruner_needs_validation_during_training(tmp_path, sweep_data):
@@ -132,8 +148,8 @@ def test_dead_worker_detection(tmp_path):
 
 CLAIMER = textwrap.dedent("""
     import json, sys, optuna
-    from pipeline.sweep import claim_waiting
-    from pipeline.sweep_storage import open_storage
+    from pipeline.sweep.queueing import claim_waiting
+    from pipeline.sweep.storage import open_storage
     storage = open_storage(sys.argv[1])
     study = optuna.load_study(study_name="race", storage=storage)
     got = []
@@ -170,8 +186,6 @@ def test_a_sqlite_storage_killed_while_created_leaves_nothing_behind(tmp_path, m
     import sqlite3
 
     import optuna
-
-    from pipeline.sweep_storage import open_storage
 
     db = tmp_path / "study.db"
     real = optuna.storages.RDBStorage

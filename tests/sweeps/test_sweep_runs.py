@@ -18,7 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from pipeline.sweep_storage import normalize_storage, open_storage
+from pipeline.sweep.storage import normalize_storage, open_storage
 
 from conftest import FSS, write_study
 from test_sweep_files import run_cli

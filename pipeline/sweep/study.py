@@ -42,7 +42,11 @@ from typing import Any, Mapping
 
 import yaml
 
+from fss.data.classes import check_dataset
 from fss.errors import ConfigError
+from fss.models.registry import get_method
+from pipeline.config import expand_set_key, resolve_run_config
+from pipeline.evaluate import make_protocol, validation_protocol
 
 #: knobs that only change inference: swept on a trained checkpoint, never retrained
 TEST_TIME_KNOBS: dict[str, frozenset[str]] = {
@@ -303,12 +307,10 @@ def _param(path: Path, name: str, spec: Any) -> ParamSpec:
     return ParamSpec(name, "int" if is_int else "float", low=low, high=high, log=log, step=step)
 
 
-def load_study(path: str | Path, *, check_configs: bool = True) -> StudySpec:
-    """Read and validate a study file; errors name the key and what is allowed."""
-    from fss.data.classes import check_dataset
-    from fss.models.registry import get_method
 
-    path = Path(path)
+
+def _read_raw(path: Path) -> dict:
+    """The parsed study file, with its top-level keys checked."""
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist; pass one of the files in sweeps/.")
     try:
@@ -325,7 +327,11 @@ def load_study(path: str | Path, *, check_configs: bool = True) -> StudySpec:
     for key in ("method", "dataset", "folds", "params"):
         if key not in raw:
             raise _err(path, f"missing key '{key}' ({TOP_KEYS[key]}).")
+    return raw
 
+
+def _method_spec(path: Path, raw: Mapping[str, Any]):
+    """The registered method of the study (its knob table), the dataset checked."""
     method = raw["method"]
     if not isinstance(method, str):
         raise _err(path, f"key 'method' must be a method name, got {method!r}.")
@@ -334,23 +340,11 @@ def load_study(path: str | Path, *, check_configs: bool = True) -> StudySpec:
         check_dataset(raw["dataset"])
     except ConfigError as exc:
         raise _err(path, str(exc)) from None
-    name = raw.get("study", path.stem)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise _err(path, f"key 'study' must be a name of letters, digits, '_', '.', '-', got {name!r}.")
-    folds = _int_list(path, "folds", raw["folds"], 0, 3)
-    shots = _int_list(path, "shots", raw.get("shots", [1]), 1, None)
-    backbone = raw.get("backbone")
-    if backbone is not None and not isinstance(backbone, str):
-        raise _err(path, f"key 'backbone' must be a backbone name, got {backbone!r}.")
-    fixed = raw.get("set") or {}
-    if not isinstance(fixed, Mapping):
-        raise _err(path, f"key 'set' must map config keys to values, got {fixed!r}.")
+    return spec
 
-    params_raw = raw["params"]
-    if not isinstance(params_raw, Mapping) or not params_raw:
-        raise _err(path, "key 'params' must map at least one config key to its values or range.")
-    params = tuple(_param(path, str(k), v) for k, v in params_raw.items())
 
+def _mode(path: Path, raw: Mapping[str, Any], params: tuple[ParamSpec, ...]) -> tuple[str, int, dict, dict]:
+    """(mode, n_trials, sampler, pruner) of the study, checked against each other."""
     mode = raw.get("mode", "grid" if all(p.is_grid_axis for p in params) else "tune")
     if mode not in ("grid", "tune"):
         raise _err(path, f"key 'mode' must be grid or tune, got {mode!r}.")
@@ -377,11 +371,13 @@ def load_study(path: str | Path, *, check_configs: bool = True) -> StudySpec:
             raise _err(path, f"key 'sampler.name' must be one of: {', '.join(SAMPLERS)}; got {sampler!r}.")
     if not isinstance(pruner, Mapping) or pruner.get("name", "none") not in PRUNERS:
         raise _err(path, f"key 'pruner.name' must be one of: {', '.join(PRUNERS)}; got {pruner!r}.")
+    return mode, int(n_trials), dict(sampler), dict(pruner)
 
-    # swept keys: valid config keys of this method; test-time keys never mixed with training ones
-    from pipeline.config import expand_set_key
 
-    knob_names = list(spec.knobs)
+def _checkpoint(path: Path, raw: Mapping[str, Any], method: str, knob_names: list[str],
+                params: tuple[ParamSpec, ...]) -> str | None:
+    """The study's checkpoint: required when every swept key is a test-time-only knob, refused
+    otherwise; swept keys must be config keys of the method, never test-time and training mixed."""
     swept: list[str] = []
     for p in params:
         keys = [k for v in p.variants.values() for k in v] if p.kind == "variants" else [p.name]
@@ -407,11 +403,14 @@ def load_study(path: str | Path, *, check_configs: bool = True) -> StudySpec:
     elif checkpoint is not None:
         raise _err(path, "key 'checkpoint' is only for studies of test-time-only knobs "
                          f"({', '.join(sorted(test_time_knobs)) or 'none for ' + method}); this one trains.")
+    return checkpoint
 
+
+def _extras(path: Path, raw: Mapping[str, Any]) -> tuple[str, dict, dict]:
+    """(output, reference, wandb options) of the study file."""
     output = raw.get("output", "runs/sweeps/{study}")
     if not isinstance(output, str):
         raise _err(path, f"key 'output' must be a directory path, got {output!r}.")
-    params_file = raw.get("params_file")
     reference = raw.get("reference") or {}
     if not isinstance(reference, Mapping) or any(
         isinstance(v, bool) or not isinstance(v, (int, float)) for v in reference.values()
@@ -420,13 +419,39 @@ def load_study(path: str | Path, *, check_configs: bool = True) -> StudySpec:
     wandb_opts = raw.get("wandb") or {}
     if not isinstance(wandb_opts, Mapping):
         raise _err(path, f"key 'wandb' must be a mapping, got {wandb_opts!r}.")
+    return output, {label(k): float(v) for k, v in reference.items()}, dict(wandb_opts)
 
+
+def load_study(path: str | Path, *, check_configs: bool = True) -> StudySpec:
+    """Read and validate a study file; errors name the key and what is allowed."""
+    path = Path(path)
+    raw = _read_raw(path)
+    method = raw["method"]
+    method_spec = _method_spec(path, raw)
+    name = raw.get("study", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise _err(path, f"key 'study' must be a name of letters, digits, '_', '.', '-', got {name!r}.")
+    folds = _int_list(path, "folds", raw["folds"], 0, 3)
+    shots = _int_list(path, "shots", raw.get("shots", [1]), 1, None)
+    backbone = raw.get("backbone")
+    if backbone is not None and not isinstance(backbone, str):
+        raise _err(path, f"key 'backbone' must be a backbone name, got {backbone!r}.")
+    fixed = raw.get("set") or {}
+    if not isinstance(fixed, Mapping):
+        raise _err(path, f"key 'set' must map config keys to values, got {fixed!r}.")
+    params_raw = raw["params"]
+    if not isinstance(params_raw, Mapping) or not params_raw:
+        raise _err(path, "key 'params' must map at least one config key to its values or range.")
+    params = tuple(_param(path, str(k), v) for k, v in params_raw.items())
+    mode, n_trials, sampler, pruner = _mode(path, raw, params)
+    checkpoint = _checkpoint(path, raw, method, list(method_spec.knobs), params)
+    output, reference, wandb_opts = _extras(path, raw)
     study = StudySpec(
         path=path, name=name, title=str(raw.get("title", name)), method=method, dataset=raw["dataset"],
         folds=folds, shots=shots, backbone=backbone, fixed=dict(fixed), params=params, mode=mode,
-        n_trials=int(n_trials), sampler=dict(sampler), pruner=dict(pruner), checkpoint=checkpoint,
-        output=Path(output.format(study=name)), params_file=params_file,
-        reference={label(k): float(v) for k, v in reference.items()}, wandb=dict(wandb_opts), raw=raw,
+        n_trials=n_trials, sampler=sampler, pruner=pruner, checkpoint=checkpoint,
+        output=Path(output.format(study=name)), params_file=raw.get("params_file"),
+        reference=reference, wandb=wandb_opts, raw=raw,
     )
     if check_configs:
         _check_configs(study)
@@ -435,8 +460,6 @@ def load_study(path: str | Path, *, check_configs: bool = True) -> StudySpec:
 
 def resolve_trial_config(study: StudySpec, point: Mapping[str, Any], fold: int, shot: int):
     """The RunConfig of one (point, fold, shot) of a study."""
-    from pipeline.config import resolve_run_config
-
     sets = [f"{k}={_yaml_scalar(v)}" for k, v in study.overrides(point).items()]
     return resolve_run_config(method=study.method, dataset=study.dataset, fold=fold, shot=shot,
                               backbone=study.backbone, set_values=sets, params_path=study.params_file)
@@ -448,30 +471,44 @@ def _yaml_scalar(v: Any) -> str:
         return json.dumps(v)
     return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else repr(v)
 
+def test_seed_overlap(config) -> list[int]:
+    """The episode seeds that the run's validation shares with its test protocol (none allowed:
+    the objective would tune on the test episodes)."""
+    proto = make_protocol(config.test.protocol, config.dataset, episodes=config.test.episodes,
+                          size=config.test.size, runs=config.test.runs)
+    return sorted(set(validation_protocol(config).seeds) & set(proto.seeds))
+
+
+def _probes(study: StudySpec) -> list[dict]:
+    """Every grid point, or both ends of every range (the others at their low end)."""
+    if study.mode == "grid":
+        return study.grid()
+
+    def ends(q: ParamSpec) -> list:
+        if q.kind in ("choices", "values", "variants"):
+            return q.grid_values()
+        cast = int if q.kind == "int" else float
+        return [cast(q.low), cast(q.high)]
+
+    base = {q.name: ends(q)[0] for q in study.params}
+    return [{**base, q.name: v} for q in study.params for v in ends(q)]
+
 
 def _check_configs(study: StudySpec) -> None:
-    """Resolve the run config of every grid point (or both ends of every range) on the
-    first fold, so a bad value fails before any trial starts."""
-    probes: list[dict] = []
-    if study.mode == "grid":
-        probes = study.grid()
-    else:
-        def ends(q: ParamSpec) -> list:
-            if q.kind in ("choices", "values", "variants"):
-                return q.grid_values()
-            cast = int if q.kind == "int" else float
-            return [cast(q.low), cast(q.high)]
-
-        base = {q.name: ends(q)[0] for q in study.params}
-        for q in study.params:
-            for v in ends(q):
-                probes.append({**base, q.name: v})
-    for point in probes:
+    """Resolve the run config of every probe point on the first fold, so a bad value (or a
+    validation seed of the test protocol) fails before any trial starts."""
+    for point in _probes(study):
         try:
             config = resolve_trial_config(study, point, study.folds[0], study.shots[0])
         except ConfigError as exc:
             raise _err(study.path, f"point {point_key(point)}: {exc}") from None
+        overlap = test_seed_overlap(config)
+        if overlap:
+            raise _err(study.path, f"validation.seed {config.validation.seed} gives the episode seeds {overlap} of "
+                                   f"the test protocol {config.test.protocol}; set another validation.seed in 'set' "
+                                   f"so the test numbers are not tuned on.")
     if study.mode == "tune" and study.pruner.get("name", "none") != "none" and not study.test_time:
         if config.validation.every <= 0:
             raise _err(study.path, "the pruner needs validation during training: add validation.every: N "
                                    "to 'set' (or use pruner: {name: none}).")
+

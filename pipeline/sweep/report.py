@@ -16,17 +16,18 @@ Files written to ``--out``::
 from __future__ import annotations
 
 import json
+from itertools import product
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.sweep_study import label as _label, point_key
+from optuna.trial import TrialState
 
-
+from pipeline.runs import atomic_write_text, write_json
+from pipeline.sweep.queueing import counts
+from pipeline.sweep.study import label as _label, point_key
 
 
 def _complete_trials(study) -> list:
-    from optuna.trial import TrialState
-
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("fss_scores")]
 
 
@@ -44,8 +45,6 @@ def table_rows(study, info: Mapping[str, Any]) -> tuple[list[str], list[dict]]:
     for t in _complete_trials(study):
         done.setdefault(point_key({n: t.params.get(n) for n in names}), []).append(t)
     if info["mode"] == "grid":
-        from itertools import product
-
         points = [dict(zip(names, combo)) for combo in product(*[p["values"] for p in info["params"]])]
     else:
         ranked = sorted(_complete_trials(study), key=lambda t: -t.value)
@@ -252,9 +251,6 @@ def trials_csv(study, path: Path) -> None:
 
 def write_report(study, info: Mapping[str, Any], out: str | Path) -> list[Path]:
     """Every report file of ``study`` in ``out`` (see the module docstring)."""
-    from pipeline.runs import atomic_write_text, write_json
-    from pipeline.sweep import counts
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     title = info.get("title") or info["name"]

@@ -10,8 +10,11 @@ is reused so that a rerun continues the same study.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+
+import optuna
 
 from fss.errors import ConfigError
 
@@ -93,10 +96,6 @@ def _create_sqlite_schema(path: Path, connect_args: dict) -> None:
     file that every later open refused ("table ... already exists"). The schema is built in a
     temporary file beside ``path`` and linked into place only if ``path`` still does not exist.
     """
-    import os
-
-    import optuna
-
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
@@ -112,8 +111,6 @@ def _create_sqlite_schema(path: Path, connect_args: dict) -> None:
 
 def open_storage(url: str, *, create_dirs: bool = False):
     """The Optuna storage behind ``url``; anything that prevents opening it is one line."""
-    import optuna
-
     shown = hide_password(url)
     path = local_path(url)
     if path is not None:

@@ -1,0 +1,250 @@
+"""Running trials: one point trained (or re-evaluated) per (fold, shot) and scored on validation
+episodes, one claimed trial taken to its end state, and the worker loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import optuna
+from optuna.trial import TrialState
+
+from fss.errors import CheckpointError, ConfigError, DataError
+from fss.models.checkpoints import MODEL_FILE_FORMAT, load_strict, safe_torch_load
+from fss.models.registry import create_model
+from pipeline import runs as R
+from pipeline.config import resolve_device
+from pipeline.evaluate import evaluate_model, validation_protocol
+from pipeline.runs import read_json, write_json
+from pipeline.tracking import Tracker
+from pipeline.train import open_split, train_run
+from pipeline.sweep.queueing import (
+    Heartbeat,
+    Say,
+    _duplicate_of,
+    _pid_token,
+    _quiet,
+    claim_waiting,
+    counts,
+    recover_dead_trials,
+    requeue_missing,
+)
+from pipeline.sweep.study import StudySpec, point_key, point_slug, resolve_trial_config, test_seed_overlap
+
+EVAL_KIND = "fss-evaluation"
+
+
+def suggest(trial, spec: StudySpec) -> dict[str, Any]:
+    """The trial's point (fixed for queued grid points, sampled for tuning)."""
+    point = {}
+    for p in spec.params:
+        if p.kind in ("values", "choices", "variants"):
+            point[p.name] = trial.suggest_categorical(p.name, p.grid_values())
+        elif p.kind == "int":
+            point[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            point[p.name] = trial.suggest_float(p.name, float(p.low), float(p.high), step=p.step, log=p.log)
+    return point
+
+
+class TrialStopped(Exception):
+    """Training was interrupted by a signal (checkpoint saved); the trial is queued again."""
+
+
+def evaluate_on_validation(config, model_path: Path, shot: int, out: Path, knob_overrides: Mapping[str, Any] | None = None,
+                           tracking_off: bool = True) -> float:
+    """Score a model file on the run's validation episodes; writes the evaluation JSON
+    (``split: val``) and returns the mIoU read back from it."""
+    protocol = validation_protocol(config)
+    overlap = test_seed_overlap(config)
+    if overlap:  # load_study refuses this already; a guard for configs built elsewhere
+        raise ConfigError(
+            f"validation.seed {config.validation.seed} gives the episode seeds {overlap} of the test protocol "
+            f"{config.test.protocol}; choose another validation.seed so the test numbers are not tuned on."
+        )
+    blob = safe_torch_load(model_path)
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FILE_FORMAT:
+        raise CheckpointError(f"{model_path} is not a model file of this project; pass a run directory or an "
+                              f"'fss checkpoint import' output as the study's checkpoint.")
+    if blob.get("method") != config.method:
+        raise CheckpointError(f"{model_path} holds a {blob.get('method')} model, the study sweeps {config.method}; "
+                              f"fix the study's checkpoint path.")
+    knobs = {**dict(blob.get("knobs", {})), **dict(knob_overrides or {})}
+    model = create_model(blob["method"], backbone=blob["backbone"], shot=int(shot), **knobs)
+    load_strict(model, blob["state_dict"], str(model_path))
+    device = resolve_device(config.train.device)
+    data = open_split(config, "val")
+    start = time.monotonic()
+    result = evaluate_model(model.to(device), data, protocol, shot=int(shot), device=device,
+                            batch_size=config.test.batch_size, num_workers=config.data.num_workers,
+                            precision=config.train.precision)
+    report = {
+        "kind": EVAL_KIND, "version": 1, "split": "val", "method": blob["method"], "dataset": config.dataset,
+        "backbone": blob["backbone"], "fold": config.fold, "shot": int(shot), "train_shot": blob.get("shot"),
+        "knobs": knobs, "miou": result["miou"], "fb_iou": result["fb_iou"],
+        "class_iou": {str(k): v for k, v in result.get("class_iou", {}).items()},
+        "episodes": result["episodes"], "protocol": protocol.name, "protocol_options": protocol.describe(),
+        "checkpoint": str(model_path), "data_root": str(data.root), "device": str(device),
+        "seconds": round(time.monotonic() - start, 3),
+    }
+    write_json(out, report)
+    return float(read_json(out, "evaluation")["miou"])
+
+
+def _tracking_off(config):
+    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, wandb=False))
+
+
+def run_point(spec: StudySpec, point: Mapping[str, Any], trial_dir: Path, *,
+              report: Callable[[int, float], None] | None = None, say: Say = _quiet) -> dict:
+    """Train (or re-evaluate) every (fold, shot) of one point; returns the scores and objective.
+
+    ``report(step, miou)`` gets the validation checks during training (step = count of
+    checks so far in this trial), for pruning and W&B."""
+    scores: dict[str, dict[str, float]] = {}
+    checks = [0]
+    overrides = spec.overrides(point)
+    test_time_knobs = {k[len("knobs."):]: v for k, v in overrides.items() if k.startswith("knobs.")} \
+        if spec.test_time else {}
+    for shot in spec.shots:
+        for fold in spec.folds:
+            config = resolve_trial_config(spec, point, fold, shot)
+            tag = f"fold{fold}" if len(spec.shots) == 1 else f"fold{fold}-{shot}shot"
+            if spec.test_time:
+                source = spec.checkpoint_for(fold, shot)
+                model_path = source / R.MODEL_SELECTED if source.is_dir() else source
+                if not model_path.is_file():
+                    raise CheckpointError(f"checkpoint {model_path} of fold {fold} does not exist; train it first "
+                                          f"('fss train' / dvc repro) or fix the study's 'checkpoint'.")
+                out = trial_dir / f"val-{tag}.json"
+            else:
+                run_dir = trial_dir / tag
+
+                def on_validation(iteration: int, miou: float) -> None:
+                    checks[0] += 1
+                    if report is not None:
+                        report(checks[0], miou)
+
+                summary = train_run(_tracking_off(config), run_dir, on_validation=on_validation,
+                                    say=lambda m: None if "\n" in m else say("  " + m))
+                if summary.get("status") == "stopped":
+                    raise TrialStopped(f"training of {run_dir} was interrupted")
+                model_path = run_dir / R.MODEL_SELECTED
+                out = run_dir / "val.json"
+            miou = evaluate_on_validation(_tracking_off(config), model_path, shot, out, knob_overrides=test_time_knobs)
+            scores.setdefault(str(shot), {})[str(fold)] = miou
+            say(f"  {tag}: validation mIoU {100 * miou:.2f}")
+    values = [v for per_shot in scores.values() for v in per_shot.values()]
+    return {"scores": scores, "objective": sum(values) / len(values)}
+
+
+def _trial_tracker(spec: StudySpec, point: Mapping[str, Any], name: str, say: Say, *, force: bool | None = None):
+    config = resolve_trial_config(spec, point, spec.folds[0], spec.shots[0])
+    enabled = config.tracking.wandb if force is None else force
+    return Tracker(
+        enabled=enabled, project=config.tracking.project, entity=config.tracking.entity, group=spec.name,
+        job_type="sweep-trial", name=name, init_timeout=config.tracking.init_timeout, warn=say,
+        config={"study": spec.name, "method": spec.method, "dataset": spec.dataset, "folds": list(spec.folds),
+                "shots": list(spec.shots), **{k: v for k, v in point.items()}},
+    )
+
+
+def execute_trial(study, storage, trial, spec: StudySpec, *, heartbeat: float, say: Say) -> str:
+    """Run one claimed trial to its end state; returns COMPLETE / PRUNED / FAIL / DUPLICATE."""
+    frozen = storage.get_trial(trial._trial_id)
+    set_attr = lambda k, v: storage.set_trial_user_attr(trial._trial_id, k, v)  # noqa: E731
+    set_attr("fss_host", socket.gethostname())
+    set_attr("fss_pid", os.getpid())
+    set_attr("fss_pid_token", _pid_token(os.getpid()))
+    set_attr("fss_heartbeat", time.time())
+    point = suggest(trial, spec)
+    key = point_key(point)
+    if "fss_point" not in frozen.user_attrs:
+        set_attr("fss_point", key)
+    if spec.mode == "grid":
+        dup = _duplicate_of(study, trial, key)
+        if dup is not None:
+            set_attr("fss_duplicate_of", dup)
+            study.tell(trial, state=TrialState.FAIL)
+            say(f"trial {trial.number}: point {key} is already done or running (trial {dup}); skipped")
+            return "DUPLICATE"
+    run_dir = frozen.user_attrs.get("fss_run_dir") or str(spec.output / f"trial-{trial.number:04d}-{point_slug(point)}")
+    set_attr("fss_run_dir", run_dir)
+    say(f"trial {trial.number}: {key} -> {run_dir}")
+    tracker = _trial_tracker(spec, point, f"trial-{trial.number}", say)
+
+    def report(step: int, miou: float) -> None:
+        tracker.log({"val/miou": miou}, step=step)
+        if spec.mode == "tune":
+            trial.report(miou, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"validation mIoU {miou:.4f} at check {step}")
+
+    with Heartbeat(storage, trial._trial_id, heartbeat):
+        try:
+            result = run_point(spec, point, Path(run_dir), report=report, say=say)
+        except optuna.TrialPruned as exc:
+            study.tell(trial, state=TrialState.PRUNED)
+            tracker.summary({"state": "pruned"})
+            tracker.finish()
+            say(f"trial {trial.number}: pruned ({exc})")
+            return "PRUNED"
+        except TrialStopped:
+            set_attr("fss_interrupted", True)
+            study.tell(trial, state=TrialState.FAIL)
+            tracker.finish(exit_code=1)
+            raise
+        except KeyboardInterrupt:
+            set_attr("fss_interrupted", True)
+            study.tell(trial, state=TrialState.FAIL)
+            tracker.finish(exit_code=1)
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing point must not end the sweep
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            set_attr("fss_error", f"{type(exc).__name__}: {first}")
+            study.tell(trial, state=TrialState.FAIL)
+            tracker.finish(exit_code=1)
+            say(f"trial {trial.number}: FAILED ({type(exc).__name__}: {first})")
+            if isinstance(exc, (CheckpointError, DataError)):
+                raise  # missing data or weights: every other trial would fail the same way
+            return "FAIL"
+        set_attr("fss_scores", result["scores"])
+        study.tell(trial, result["objective"])
+    tracker.log({"objective": result["objective"],
+                 **{f"miou/{s}shot/fold{f}": v for s, d in result["scores"].items() for f, v in d.items()}})
+    tracker.summary({"objective": result["objective"]})
+    tracker.finish()
+    say(f"trial {trial.number}: objective (mean validation mIoU) {100 * result['objective']:.2f}")
+    return "COMPLETE"
+
+
+
+
+def work(study, storage, spec: StudySpec, *, n_trials: int | None = None, grace: float = 600.0,
+         heartbeat: float = 30.0, say: Say = _quiet) -> dict:
+    """One worker: recover dead trials, then claim and run trials until the study is done."""
+    ran = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "DUPLICATE": 0}
+    budget = n_trials if (n_trials is not None and spec.mode == "tune") else spec.n_trials
+    cap = n_trials if (n_trials is not None and spec.mode == "grid") else None
+    if spec.mode == "grid":  # points whose trials failed in an earlier run are queued again (once)
+        requeue_missing(study, storage, spec, study.study_name, reason="rerun", say=say)
+    while True:
+        recover_dead_trials(study, storage, spec, grace, say=say)
+        if cap is not None and sum(v for k, v in ran.items() if k != "DUPLICATE") >= cap:
+            break
+        if spec.mode == "grid":
+            trial = claim_waiting(study, storage)
+            if trial is None:
+                break
+        else:
+            c = counts(study)
+            if c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= budget:
+                break
+            trial = study.ask()
+        ran[execute_trial(study, storage, trial, spec, heartbeat=heartbeat, say=say)] += 1
+    return ran
+
