@@ -50,7 +50,14 @@ from pipeline.runs import atomic_write_text
 from pipeline.sweep.queueing import LOCK_MARK, STUDY_INFO, Say, counts, open_study
 from pipeline.sweep.report import write_report
 from pipeline.sweep.run import TrialStopped, _trial_tracker, run_point, work
-from pipeline.sweep.storage import DEFAULT_JOURNAL, DEFAULT_SQLITE, default_storage, is_sqlite, normalize_storage, open_storage
+from pipeline.sweep.storage import (
+    DEFAULT_JOURNAL,
+    DEFAULT_SQLITE,
+    default_storage,
+    is_sqlite,
+    normalize_storage,
+    open_storage,
+)
 from pipeline.sweep.study import load_study, point_slug
 from pipeline.sweep.wandb_file import parse_assignments, wandb_sweep
 

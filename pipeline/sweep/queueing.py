@@ -29,7 +29,7 @@ LOCK_MARK = ".requeue-"
 Say = Callable[[str], None]
 
 
-def _quiet(message: str) -> None:
+def quiet(message: str) -> None:
     pass
 
 
@@ -94,7 +94,7 @@ def _wait_for_attr(study, key: str, timeout: float) -> bool:
 
 
 def open_study(spec: StudySpec, storage, storage_url: str, name: str | None = None, *,
-               setup_timeout: float = 60.0, say: Say = _quiet):
+               setup_timeout: float = 60.0, say: Say = quiet):
     """Create or load the study; refuse a changed study file; queue a new grid."""
     name = name or spec.name
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own one-line messages instead
@@ -151,7 +151,7 @@ def _lock(study, storage, name: str, reason: str) -> bool:
 # ---------------------------------------------------------------- worker liveness
 
 
-def _pid_token(pid: int) -> str | None:
+def pid_token(pid: int) -> str | None:
     """The process start time (Linux /proc), so a reused pid is not taken for the dead one."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -167,7 +167,7 @@ def _alive(pid: int, token: str | None) -> bool:
         return False
     except PermissionError:
         return True
-    now = _pid_token(pid)
+    now = pid_token(pid)
     return token is None or now is None or now == token
 
 
@@ -211,7 +211,7 @@ class Heartbeat:
 # ---------------------------------------------------------------- recovery and queueing
 
 
-def recover_dead_trials(study, storage, spec: StudySpec, grace: float, say: Say = _quiet) -> list[int]:
+def recover_dead_trials(study, storage, spec: StudySpec, grace: float, say: Say = quiet) -> list[int]:
     """Set the RUNNING trials of dead workers to FAIL (one worker wins each) and queue them again."""
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -259,7 +259,7 @@ def _missing_points(study, spec: StudySpec) -> list[dict]:
     return [p for p in spec.grid() if point_key(p) not in covered]
 
 
-def requeue_missing(study, storage, spec: StudySpec, name: str, reason: str = "", say: Say = _quiet) -> int:
+def requeue_missing(study, storage, spec: StudySpec, name: str, reason: str = "", say: Say = quiet) -> int:
     """Queue the grid points that have no COMPLETE, WAITING or RUNNING trial, once.
 
     The lock is keyed by the failed trials that made the points missing, so workers that
@@ -295,7 +295,7 @@ def claim_waiting(study, storage):
     return None
 
 
-def _duplicate_of(study, trial, key: str) -> int | None:
+def duplicate_of(study, trial, key: str) -> int | None:
     """An earlier trial of the same grid point that is complete or running (last guard)."""
     for t in study.get_trials(deepcopy=False):
         if t.number == trial.number or _trial_key(t) != key:

@@ -18,24 +18,22 @@ from fss.models.checkpoints import MODEL_FILE_FORMAT, load_strict, safe_torch_lo
 from fss.models.registry import create_model
 from pipeline import runs as R
 from pipeline.config import resolve_device
-from pipeline.evaluate import evaluate_model, validation_protocol
+from pipeline.evaluate import EVAL_KIND, evaluate_model, validation_protocol
 from pipeline.runs import read_json, write_json
-from pipeline.tracking import Tracker
-from pipeline.train import open_split, train_run
 from pipeline.sweep.queueing import (
     Heartbeat,
     Say,
-    _duplicate_of,
-    _pid_token,
-    _quiet,
     claim_waiting,
     counts,
+    duplicate_of,
+    pid_token,
+    quiet,
     recover_dead_trials,
     requeue_missing,
 )
 from pipeline.sweep.study import StudySpec, point_key, point_slug, resolve_trial_config, test_seed_overlap
-
-EVAL_KIND = "fss-evaluation"
+from pipeline.tracking import Tracker
+from pipeline.train import open_split, train_run
 
 
 def suggest(trial, spec: StudySpec) -> dict[str, Any]:
@@ -100,7 +98,7 @@ def _tracking_off(config):
 
 
 def run_point(spec: StudySpec, point: Mapping[str, Any], trial_dir: Path, *,
-              report: Callable[[int, float], None] | None = None, say: Say = _quiet) -> dict:
+              report: Callable[[int, float], None] | None = None, say: Say = quiet) -> dict:
     """Train (or re-evaluate) every (fold, shot) of one point; returns the scores and objective.
 
     ``report(step, miou)`` gets the validation checks during training (step = count of
@@ -159,14 +157,14 @@ def execute_trial(study, storage, trial, spec: StudySpec, *, heartbeat: float, s
     set_attr = lambda k, v: storage.set_trial_user_attr(trial._trial_id, k, v)  # noqa: E731
     set_attr("fss_host", socket.gethostname())
     set_attr("fss_pid", os.getpid())
-    set_attr("fss_pid_token", _pid_token(os.getpid()))
+    set_attr("fss_pid_token", pid_token(os.getpid()))
     set_attr("fss_heartbeat", time.time())
     point = suggest(trial, spec)
     key = point_key(point)
     if "fss_point" not in frozen.user_attrs:
         set_attr("fss_point", key)
     if spec.mode == "grid":
-        dup = _duplicate_of(study, trial, key)
+        dup = duplicate_of(study, trial, key)
         if dup is not None:
             set_attr("fss_duplicate_of", dup)
             study.tell(trial, state=TrialState.FAIL)
@@ -225,7 +223,7 @@ def execute_trial(study, storage, trial, spec: StudySpec, *, heartbeat: float, s
 
 
 def work(study, storage, spec: StudySpec, *, n_trials: int | None = None, grace: float = 600.0,
-         heartbeat: float = 30.0, say: Say = _quiet) -> dict:
+         heartbeat: float = 30.0, say: Say = quiet) -> dict:
     """One worker: recover dead trials, then claim and run trials until the study is done."""
     ran = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "DUPLICATE": 0}
     budget = n_trials if (n_trials is not None and spec.mode == "tune") else spec.n_trials
