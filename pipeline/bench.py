@@ -276,7 +276,7 @@ def bench_method(method: str, *, backbone: str, size: int, batch: int, shot: int
     import torch
 
     from fss.models.registry import get_method
-    from pipeline.train import channels_last_batch
+    from fss.layout import channels_last_batch
 
     model = build_bench_model(method, backbone=backbone, shot=shot, knobs=dict(knobs or {}), device=device,
                               channels_last=channels_last, seed=seed)

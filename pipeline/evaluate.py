@@ -22,168 +22,16 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import typer
 
+from fss.data.access import open_prepared
 from fss.errors import CheckpointError, ConfigError
+from fss.evaluation import evaluate_model, make_protocol, validation_protocol
 
 EVAL_KIND = "fss-evaluation"
 EVAL_VERSION = 1
-
-
-# ---------------------------------------------------------------- protocols
-
-
-def make_protocol(name: str, dataset: str, *, episodes: int | None = None, size: int | None = None,
-                  runs: int | None = None, seed: int | None = None):
-    """A protocol preset with the given overrides.
-
-    ``seed`` S replaces the preset's seeds by S, S+1, ... (one per run).
-    """
-    from fss.data.protocols import protocol_preset
-
-    overrides: dict[str, Any] = {}
-    if episodes is not None:
-        overrides["episodes"] = int(episodes)
-    if size is not None:
-        overrides["size"] = int(size)
-    if seed is not None:
-        base = protocol_preset(name, dataset, **({"runs": runs} if runs else {}))
-        overrides["seeds"] = tuple(int(seed) + r for r in range(base.runs))
-    elif runs is not None:
-        overrides["runs"] = int(runs)
-    return protocol_preset(name, dataset, **overrides)
-
-
-def validation_protocol(config):
-    """The run's validation episodes: the test protocol's sampling/size with one run of
-    ``validation.episodes`` episodes on seed ``validation.seed``."""
-    return make_protocol(config.test.protocol, config.dataset, episodes=config.validation.episodes,
-                         size=config.test.size, runs=1, seed=config.validation.seed)
-
-
-# ---------------------------------------------------------------- the evaluation loop
-
-
-def _logits_at(logits, size):
-    import torch.nn.functional as F
-
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
-
-
-def evaluate_model(
-    model,
-    data,
-    protocol,
-    *,
-    shot: int,
-    device,
-    batch_size: int = 1,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    ways: int = 1,
-    sample_episodes: int = 0,
-    track: Callable | None = None,
-    description: str = "evaluate",
-    channels_last: bool = False,
-    feature_cache=None,
-) -> dict:
-    """Run every run of ``protocol`` on ``data`` (the fold's val list); IoUMeter results.
-
-    ``feature_cache``: a :class:`fss.models.feature_cache.FeatureCache` that serves the frozen
-    backbone's outputs of images seen before (identical metrics; None = compute every time).
-
-    Returns the :func:`fss.metrics.summarize_runs` summary plus ``episodes`` (per run),
-    ``class_episodes`` (run 0) and ``samples`` (the first ``sample_episodes`` episodes of
-    run 0, as uint8 images and label maps for the figure and W&B). ``channels_last``: model
-    and images in channels-last memory format (``train.channels_last``).
-    """
-    import contextlib
-
-    import torch
-
-    from fss.data.episodes import EpisodeLoader
-    from fss.data.transforms import original_resolution_pairs
-    from fss.metrics import IoUMeter, summarize_runs
-
-    model.eval()
-    layout = lambda t: t  # noqa: E731
-    if channels_last:
-        from pipeline.train import channels_last_images as layout
-
-        model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":  # cuDNN autotuning unless deterministic algorithms were asked for
-        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
-    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if precision == "bf16" \
-        else contextlib.nullcontext
-    results, samples = [], []
-    for run in range(protocol.runs):
-        episodes = protocol.episode_dataset(data, shot, run=run, ways=ways)
-        loader = EpisodeLoader(episodes, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                               pin=device.type == "cuda", generator=torch.Generator().manual_seed(0))
-        meter = IoUMeter(data.novel_classes, ignore_index=protocol.ignore_index)
-        batches = loader
-        if track is not None:
-            label = description if protocol.runs == 1 else f"{description} run {run + 1}/{protocol.runs}"
-            batches = track(loader, label, len(loader))
-        cached = feature_cache.attached(model) if feature_cache is not None else contextlib.nullcontext()
-        with torch.no_grad(), cached:
-            for batch in batches:
-                with autocast():
-                    logits = model.predict(layout(batch["support_images"].to(device)), batch["support_masks"].to(device),
-                                           layout(batch["query_images"].to(device)))
-                logits = logits.float()
-                class_ids = batch["class_ids"]
-                if protocol.score_at_original:
-                    pairs = original_resolution_pairs(logits, batch["query_label_original"], batch["original_size"],
-                                                      protocol.resize)
-                    for b, (out, target) in enumerate(pairs):
-                        meter.update_batch(out.argmax(1), target, class_ids[b:b + 1])
-                else:
-                    labels = batch["query_masks"].to(device)
-                    meter.update_batch(_logits_at(logits, labels.shape[-2:]).argmax(1), labels, class_ids)
-                if run == 0 and len(samples) < sample_episodes:
-                    samples.extend(_samples(batch, logits, sample_episodes - len(samples)))
-        results.append({**meter.compute(), "seed": protocol.seeds[run]})
-    summary = summarize_runs(results)
-    summary["episodes"] = results[0]["episodes"]
-    summary["class_episodes"] = results[0]["class_episodes"]
-    summary["samples"] = samples
-    return summary
-
-
-def _samples(batch: dict, logits, count: int) -> list[dict]:
-    """uint8 pictures of the first ``count`` episodes of a batch (way 0, support 0)."""
-    import numpy as np
-
-    from fss.data.transforms import denormalize
-
-    out = []
-    labels = batch["query_masks"]
-    pred = _logits_at(logits, labels.shape[-2:]).argmax(1).cpu()
-    for b in range(min(count, logits.shape[0])):
-        s_img = batch["support_images"][b]
-        s_mask = batch["support_masks"][b]
-        while s_img.dim() > 3:
-            s_img, s_mask = s_img[0], s_mask[0]
-
-        def pic(t):
-            return denormalize(t.float()).clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
-
-        cid = batch["class_ids"][b]
-        out.append({
-            "support": pic(s_img),
-            "support_mask": s_mask.numpy().astype(np.uint8),
-            "query": pic(batch["query_images"][b]),
-            "ground_truth": labels[b].numpy().astype(np.uint8),
-            "prediction": pred[b].numpy().astype(np.uint8),
-            "class_id": int(cid.reshape(-1)[0]),
-            "episode": int(batch["episode_index"][b]) if "episode_index" in batch else b,
-        })
-    return out
 
 
 # ---------------------------------------------------------------- models
@@ -416,7 +264,6 @@ def evaluate_command(
         tracking_defaults,
     )
     from pipeline.console import console, track
-    from pipeline.train import open_prepared
 
     say = lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     if (run is None) == (model is None):

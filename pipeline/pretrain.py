@@ -97,7 +97,6 @@ def pretrain_backbone(
     from fss.models.checkpoints import atomic_torch_save
     from pipeline.config import resolve_device
     from pipeline.runs import write_json
-    from pipeline.optim import SGD
 
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("size", size, 17)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -125,7 +124,7 @@ def pretrain_backbone(
     model = nn.ModuleDict({"backbone": net, "head": head}).to(dev)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=layout)
-    optimizer = SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     per_epoch = n // batch_size
     total = epochs * per_epoch
     generator = torch.Generator().manual_seed(seed)

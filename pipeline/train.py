@@ -34,7 +34,10 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from fss.errors import ConfigError, DataError
+from fss.data.access import open_prepared
+from fss.errors import ConfigError
+from fss.evaluation import evaluate_model, validation_protocol
+from fss.layout import channels_last_batch
 
 from pipeline.config import RunConfig, bf16_cpu_warning, resolve_run_config
 
@@ -71,58 +74,15 @@ def make_optimizer(config: RunConfig, model):
     if not params:
         raise ConfigError(f"method {config.method} has no trainable parameter with these knobs; nothing to train.")
     o = config.optim
-    if o.name == "sgd":  # torch.optim.SGD's arithmetic without importing torch._dynamo (pipeline/optim.py)
-        from pipeline.optim import SGD
-
-        return SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                   nesterov=o.nesterov and o.momentum > 0)
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                               nesterov=o.nesterov and o.momentum > 0)
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
 # ---------------------------------------------------------------- data
-
-
-def open_prepared(root, fold: int, split: str, convention: str | None = None, *, dataset: str | None = None,
-                  cache: bool = False):
-    """A fold's prepared list (``train``: base classes, ``val``: novel classes).
-
-    ``cache``: decoded images and masks are kept in memory, for small datasets such as the
-    synthetic benchmark (``preload()`` decodes them all at once, before DataLoader workers
-    are forked, so that the workers share them instead of each decoding its own copy).
-    """
-    from fss.data.prepared import PreparedDataset
-
-    cls = _cached_dataset_class() if cache else PreparedDataset
-    data = cls(root, fold, split, convention)
-    if dataset is not None and data.dataset != dataset:
-        raise DataError(
-            f"{root} holds the {data.dataset} dataset, not {dataset}; point data.root at a prepared {dataset} directory."
-        )
-    return data
-
-
-def _cached_dataset_class():
-    from fss.data.prepared import PreparedDataset
-
-    class CachedPreparedDataset(PreparedDataset):
-        """PreparedDataset whose ``load`` remembers what it decoded."""
-
-        def load(self, i: int):
-            cache = self.__dict__.setdefault("_loaded", {})
-            if i not in cache:
-                image, mask = super().load(i)
-                image.setflags(write=False)  # shared between episodes: never modified in place
-                mask.setflags(write=False)
-                cache[i] = (image, mask)
-            return cache[i]
-
-        def preload(self) -> None:
-            for i in range(len(self)):
-                self.load(i)
-
-    return CachedPreparedDataset
 
 
 def open_split(config: RunConfig, split: str):
@@ -191,27 +151,6 @@ def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
-def channels_last_images(images):
-    """``[..., C, H, W]`` float images laid out channels-last per image (``train.channels_last``).
-
-    4-D tensors use ``torch.channels_last``; 5-D supports ``[B, K, C, H, W]`` get strides
-    such that ``flatten(0, 1)`` is a channels-last 4-D view. Values are unchanged.
-    """
-    import torch
-
-    if images.dim() == 4:
-        return images.contiguous(memory_format=torch.channels_last)
-    if images.dim() >= 5:
-        return images.movedim(-3, -1).contiguous().movedim(-1, -3)
-    return images
-
-
-def channels_last_batch(batch: dict) -> dict:
-    """The batch with its float image tensors in channels-last layout (masks untouched)."""
-    return {k: (channels_last_images(v) if k.endswith("_images") and hasattr(v, "dim") else v)
-            for k, v in batch.items()}
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -250,31 +189,12 @@ def build_model(config: RunConfig, shot: int | None = None, with_weights: bool =
     )
 
 
-def set_deterministic_algorithms(on: bool) -> None:
-    """``torch.use_deterministic_algorithms(on, warn_only=True)`` without importing the compiler.
-
-    The public function first imports ``torch._inductor`` (3.6 s per process on a 2-core
-    machine, more than a whole embedded training run's set-up) only to copy the flag into
-    torch.compile's config; nothing here compiles, so the flag is set directly, unless the
-    compiler is already loaded.
-    """
-    import sys
-
-    import torch
-
-    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
-    if setter is None or "torch._inductor.config" in sys.modules:
-        torch.use_deterministic_algorithms(on, warn_only=True)
-    else:
-        setter(on, warn_only=True)
-
-
 def set_determinism(config: RunConfig, device) -> bool:
     import torch
 
     mode = config.train.deterministic
     on = (device.type == "cpu") if mode == "auto" else mode == "on"
-    set_deterministic_algorithms(on)
+    torch.use_deterministic_algorithms(on, warn_only=True)
     # cuDNN autotuning (fastest conv algorithms for the fixed episode size) unless determinism is asked for
     torch.backends.cudnn.benchmark = device.type == "cuda" and not on
     return on
@@ -323,7 +243,6 @@ def train_run(
 
     from fss.models.checkpoints import save_model_file
     from pipeline import runs as R
-    from pipeline.evaluate import validation_protocol, evaluate_model
     from pipeline.tracking import Tracker
 
     from pipeline import distributed as D

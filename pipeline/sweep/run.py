@@ -14,11 +14,12 @@ import optuna
 from optuna.trial import TrialState
 
 from fss.errors import CheckpointError, ConfigError, DataError
+from fss.evaluation import evaluate_model, validation_protocol
 from fss.models.checkpoints import MODEL_FILE_FORMAT, load_strict, safe_torch_load
 from fss.models.registry import create_model
 from pipeline import runs as R
 from pipeline.config import resolve_device
-from pipeline.evaluate import EVAL_KIND, evaluate_model, validation_protocol
+from pipeline.evaluate import EVAL_KIND
 from pipeline.runs import read_json, write_json
 from pipeline.sweep.queueing import (
     Heartbeat,

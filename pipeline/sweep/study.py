@@ -46,7 +46,7 @@ from fss.data.classes import check_dataset
 from fss.errors import ConfigError
 from fss.models.registry import get_method
 from pipeline.config import expand_set_key, resolve_run_config
-from pipeline.evaluate import make_protocol, validation_protocol
+from fss.evaluation import make_protocol, validation_protocol
 
 #: knobs that only change inference: swept on a trained checkpoint, never retrained
 TEST_TIME_KNOBS: dict[str, frozenset[str]] = {

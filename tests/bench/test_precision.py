@@ -8,7 +8,7 @@ import torch
 from fss.errors import ConfigError
 from fss.models.registry import create_model, get_method, list_methods
 from pipeline.bench import synthetic_episodes
-from pipeline.train import channels_last_batch, channels_last_images
+from fss.layout import channels_last_batch, channels_last_images
 
 CPU = torch.device("cpu")
 
@@ -133,7 +133,7 @@ def test_training_and_evaluation_with_bf16_and_channels_last(bench_synthetic_roo
     and channels_last does not change the fp32 evaluation metrics."""
     from fss.models.checkpoints import load_model_file
     from pipeline.config import REPO_PARAMS, resolve_run_config
-    from pipeline.evaluate import evaluate_model, validation_protocol
+    from fss.evaluation import evaluate_model, validation_protocol
     from pipeline.train import open_split, train_run
 
     sets = {

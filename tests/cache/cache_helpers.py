@@ -17,14 +17,14 @@ def small_model(method: str, shot: int = 1, seed: int = 0):
 
 
 def protocol(episodes: int = 6, size: int = 33):
-    from pipeline.evaluate import make_protocol
+    from fss.evaluation import make_protocol
 
     return make_protocol("pfenet", "synthetic", episodes=episodes, size=size)
 
 
 def evaluate(model, data, proto, *, shot: int = 1, cache=None, batch_size: int = 3, num_workers: int = 0,
              precision: str = "fp32") -> dict:
-    from pipeline.evaluate import evaluate_model
+    from fss.evaluation import evaluate_model
 
     return evaluate_model(model, data, proto, shot=shot, device=CPU, batch_size=batch_size,
                           num_workers=num_workers, feature_cache=cache, precision=precision)

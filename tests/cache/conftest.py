@@ -16,6 +16,6 @@ def cache_synthetic_root(synthetic_root) -> Path:
 @pytest.fixture(scope="session")
 def cache_val_data(cache_synthetic_root):
     """Fold 0 val list (decoded images cached in memory)."""
-    from pipeline.train import open_prepared
+    from fss.data.access import open_prepared
 
     return open_prepared(cache_synthetic_root, 0, "val", cache=True)

@@ -18,7 +18,7 @@ def _tensors_equal(a: dict, b: dict) -> bool:
 def _training_episodes(root):
     from fss.data.episodes import EpisodeDataset, TrainEpisodeSampler
     from fss.data.transforms import build_train_transform
-    from pipeline.train import open_prepared
+    from fss.data.access import open_prepared
 
     data = open_prepared(root, 0, "train", cache=True)
     return EpisodeDataset(data, TrainEpisodeSampler(data, shot=1, seed=3),

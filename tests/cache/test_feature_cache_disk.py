@@ -19,7 +19,7 @@ import json, sys, torch
 sys.path.insert(0, {helpers!r})
 from cache_helpers import evaluate, protocol, small_model
 from fss.models.feature_cache import FeatureCache
-from pipeline.train import open_prepared
+from fss.data.access import open_prepared
 torch.set_num_threads(1)
 model = small_model("pfenet")
 model.load_state_dict(torch.load({weights!r}, weights_only=True))

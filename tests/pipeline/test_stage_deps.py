@@ -98,7 +98,7 @@ def test_train_stage_declares_the_code_it_runs(method, synthetic_root, tmp_path,
         sets = [s for s in sets if not s.startswith("knobs.reduce_dim")]
     args = ["train", "--method", method, "--dataset", "synthetic", "--fold", "0", "--iterations", "2",
             "--device", "cpu", "--out", str(tmp_path / "run")] + [a for s in sets for a in ("--set", s)]
-    _assert_declared("train", [args], capsys, seen={"pipeline/train.py", "pipeline/optim.py"})
+    _assert_declared("train", [args], capsys, seen={"pipeline/train.py", "fss/data/access.py"})
 
 
 def test_evaluate_stage_declares_the_code_it_runs(tiny_run, tmp_path, capsys):
