@@ -29,17 +29,19 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 import typer
 
-from fss.data.access import open_prepared
 from fss.errors import ConfigError
 from fss.evaluation import evaluate_model, validation_protocol
 from fss.layout import channels_last_batch
 
 from pipeline.config import RunConfig, bf16_cpu_warning, resolve_run_config
+from pipeline.train_data import build_training_episodes, epoch_loader, open_split, to_device
 
 TrackFn = Callable[..., Any]
 
@@ -66,8 +68,6 @@ def learning_rate(config: RunConfig, iteration: int, total: int) -> float:
 
 
 def make_optimizer(config: RunConfig, model):
-    import torch
-
     params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else [
         p for p in model.parameters() if p.requires_grad
     ]
@@ -80,75 +80,6 @@ def make_optimizer(config: RunConfig, model):
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-
-
-# ---------------------------------------------------------------- data
-
-
-def open_split(config: RunConfig, split: str):
-    """The run's fold list ``split`` (checked to hold the run's dataset)."""
-    data = open_prepared(config.data.root, config.fold, split, config.data.convention, dataset=config.dataset,
-                         cache=config.data.cache_images)
-    if config.data.cache_images and config.data.num_workers > 0:
-        data.preload()  # decoded once, shared by the forked workers
-    return data
-
-
-def training_ways(config: RunConfig) -> int:
-    return int(config.knobs.get("ways", 1) or 1)
-
-
-def build_training_episodes(config: RunConfig):
-    from fss.data.episodes import EpisodeDataset, TrainEpisodeSampler
-    from fss.data.transforms import build_train_transform
-
-    data = open_split(config, "train")
-    ways = training_ways(config)
-    sampling = config.data.sampling if ways == 1 else "panet"
-    sampler = TrainEpisodeSampler(
-        data, shot=config.shot, seed=config.train.seed, ways=ways, sampling=sampling,
-        episodes_per_epoch=config.data.episodes_per_epoch if sampling == "panet" else None,
-    )
-    transform = build_train_transform(config.data.augment, config.dataset, size=config.data.train_size)
-    return EpisodeDataset(data, sampler, transform, seed=config.train.seed, keep_original=False)
-
-
-def epoch_loader(dataset, epoch: int, first_batch: int, batch_size: int, num_workers: int, pin: bool,
-                 rank: int = 0, world_size: int = 1):
-    """Batches ``first_batch..`` of ``epoch`` (drop_last); no global RNG is consumed.
-
-    ``batch_size`` is the global batch; under torchrun rank ``rank`` of ``world_size`` loads
-    its contiguous slice of each global batch (``pipeline.distributed.rank_slice``).
-    """
-    import torch
-
-    from fss.data.episodes import EpisodeLoader
-    from pipeline.distributed import rank_slice
-
-    dataset.set_epoch(epoch)
-    n = len(dataset) // batch_size
-    batches = [rank_slice(list(range(b * batch_size, (b + 1) * batch_size)), rank, world_size)
-               for b in range(first_batch, n)]
-    return EpisodeLoader(
-        dataset, num_workers=num_workers, pin=pin, batch_sampler=batches,
-        generator=torch.Generator().manual_seed(0),
-        worker_init_fn=worker_ignores_stop_signals if num_workers > 0 else None,
-    )
-
-
-def worker_ignores_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers leave SIGINT/SIGTERM to the training process: a Ctrl-C or a kill
-    of the process group (torchrun, a scheduler) then ends with the checkpoint the training
-    loop writes, instead of a "DataLoader worker killed" error; the loader stops its workers
-    when the loop returns."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------- the loop
@@ -190,8 +121,6 @@ def build_model(config: RunConfig, shot: int | None = None, with_weights: bool =
 
 
 def set_determinism(config: RunConfig, device) -> bool:
-    import torch
-
     mode = config.train.deterministic
     on = (device.type == "cpu") if mode == "auto" else mode == "on"
     torch.use_deterministic_algorithms(on, warn_only=True)
@@ -219,6 +148,229 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class Trainer:
+    """What the loop works with, built once by :func:`setup` (the train state is separate)."""
+
+    config: RunConfig
+    out: str | os.PathLike
+    run: Any  # pipeline.runs.RunDir; rank > 0 gets a stand-in that writes nothing
+    ctx: Any  # pipeline.distributed.DistContext
+    device: Any
+    deterministic: bool
+    dataset: Any
+    per_epoch: int
+    total: int
+    model: Any  # the plain module: saved, validated
+    optimizer: Any
+    curves: Any
+    val_log: Any
+    val_data: Any
+    val_protocol: Any
+    net: Any = None  # the module called in training (DDP under torchrun), wrapped once resumed
+    tracker: Any = None
+    say: Callable[[str], None] = lambda m: None
+
+
+@dataclass
+class TrainState:
+    """Everything of a run's progress that a checkpoint holds besides weights, optimiser and RNGs."""
+
+    iteration: int = 0
+    best: dict = field(default_factory=lambda: {"miou": None, "iteration": None})
+    window: dict = field(default_factory=dict)  # loss sums since the last curves.csv row
+    elapsed_before: float = 0.0  # seconds trained before this process resumed the run
+    clock: float = field(default_factory=time.monotonic)
+    last_checkpoint: float = field(default_factory=time.monotonic)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.clock)
+
+
+def setup(config: RunConfig, out, say: Callable[[str], None]) -> Trainer:
+    """Processes, determinism, data, model and optimiser of a run (nothing read from a checkpoint yet)."""
+    from pipeline import distributed as D
+    from pipeline import runs as R
+
+    # torchrun: one process per device; rank 0 alone touches the run directory (see pipeline.distributed)
+    D.per_rank_batch_size(config.train.batch_size, D.launched_world_size())  # before any rank waits for another
+    ctx, device = D.setup_distributed(config.train.device, config.train.dist_backend, config.train.dist_timeout_minutes)
+    D.per_rank_batch_size(config.train.batch_size, ctx.world_size)
+    say = say if ctx.is_main else (lambda m: None)
+    run = D.rank_run_dir(out, ctx)
+    D.on_main(lambda: run.prepare(config), ctx)  # a rerun must match the saved config (operational keys aside)
+    deterministic = set_determinism(config, device)
+    warning = bf16_cpu_warning(config.train.precision, device)
+    if warning:
+        say(warning)
+    set_threads(config.train.num_threads)
+
+    dataset = build_training_episodes(config)
+    bs = config.train.batch_size
+    per_epoch = len(dataset) // bs
+    if per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size={bs} is larger than the {len(dataset)} training episodes per epoch of fold {config.fold}; lower it."
+        )
+    total = config.train.iterations or config.train.epochs * per_epoch
+    # validation data: novel classes of the fold, seed distinct from the test seeds
+    validate = config.validation.every > 0 or config.validation.select == "best"
+
+    seed_everything(config.train.seed)  # the model's initial weights depend on the seed only
+    model = build_model(config).to(device)
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(config, model)
+    say(f"train {config.group} fold {config.fold}: {total} iterations ({per_epoch} per epoch) on {device} -> {out}")
+    say(config.to_yaml().rstrip())
+    if ctx.distributed:
+        say(f"torchrun: {ctx.world_size} processes ({ctx.backend}), {bs // ctx.world_size} episodes each per step of {bs}")
+    return Trainer(
+        config=config, out=out, run=run, ctx=ctx, device=device, deterministic=deterministic, dataset=dataset,
+        per_epoch=per_epoch, total=total, model=model, optimizer=optimizer,
+        curves=R.CsvLog(run.file(R.CURVES_FILE), ("iteration", "epoch", "lr")) if ctx.is_main else D.NullLog(),
+        val_log=R.CsvLog(run.file(R.VAL_FILE), ("iteration", "epoch")) if ctx.is_main else D.NullLog(),
+        val_data=open_split(config, "val") if validate else None,
+        val_protocol=validation_protocol(config) if validate else None, say=say,
+    )
+
+
+def resume_or_start(t: Trainer) -> TrainState:
+    """The state of ``checkpoint.pt`` when the run directory has one (model, optimiser and RNGs
+    loaded from it), else a fresh state with emptied logs (detectron2's ``resume_or_load``)."""
+    from pipeline import distributed as D
+    from pipeline import runs as R
+
+    def read_checkpoint():
+        if not t.run.checkpoint_file.is_file():
+            return None
+        blob = R.load_checkpoint(t.run.checkpoint_file)
+        R.checkpoint_matches_model(blob, t.model, t.run.checkpoint_file)
+        if blob["total_iterations"] != t.total:
+            raise ConfigError(
+                f"{t.run.checkpoint_file} was written for {blob['total_iterations']} iterations, this run has {t.total}; choose a new --out."
+            )
+        return blob
+
+    config = t.config
+    blob = D.on_main(read_checkpoint, t.ctx)  # torchrun: every rank resumes from rank 0's checkpoint
+    if blob is None:
+        t.curves.reset()
+        t.val_log.reset()
+        t.run.log(f"started: {config.method} {config.dataset} fold {config.fold} {config.shot}-shot, {t.total} iterations")
+        return TrainState()
+    t.model.load_state_dict(blob["model"])
+    try:
+        t.optimizer.load_state_dict(blob["optimizer"])
+    except (ValueError, KeyError, RuntimeError):
+        raise ConfigError(f"{t.run.checkpoint_file} holds an optimiser state that does not fit; choose a new --out.") from None
+    R.restore_rng_state(blob["rng"])
+    state = TrainState(iteration=int(blob["iteration"]), best=blob["best"], window=blob["window"],
+                       elapsed_before=float(blob.get("elapsed_s", 0.0)))
+    # rows a killed run logged after its last checkpoint are logged again by this one
+    t.curves.truncate_after(state.iteration)
+    t.val_log.truncate_after(state.iteration)
+    t.run.log(f"resumed at iteration {state.iteration}/{t.total}")
+    t.say(f"resuming {t.out} at iteration {state.iteration}/{t.total}")
+    return state
+
+
+def train_step(t: Trainer, it: int, batch: dict, lr: float, stop_requested: bool) -> tuple[dict, bool]:
+    """One optimiser step at ``lr``; the losses (mean over ranks) and whether any rank was asked to stop."""
+    from pipeline import distributed as D
+
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    progress_hook = getattr(t.model, "set_train_progress", None)
+    if progress_hook is not None:  # methods whose loss weights follow the schedule
+        progress_hook(it / t.total)
+    if t.ctx.distributed:  # per-rank training randomness keyed by (seed, rank, iteration)
+        D.seed_rank_step(t.config.train.seed, t.ctx.rank, it)
+    with _autocast(t.config, t.device)():
+        output = t.net(batch)
+    # mean over ranks of the losses (the global batch's loss) and, in the same all-reduce,
+    # whether any rank got a stop signal: every rank stops at the same step
+    losses, stopping = D.reduce_mean(output.losses, t.ctx, flag=stop_requested)
+    if not math.isfinite(losses["loss"]):
+        raise ConfigError(
+            f"the loss became {losses['loss']} at iteration {it}; lower optim.lr or check the data (run {t.out})."
+        )
+    t.optimizer.zero_grad(set_to_none=True)
+    output.losses["loss"].backward()
+    if t.config.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(t.optimizer.param_groups[0]["params"], t.config.train.grad_clip)
+    t.optimizer.step()
+    return losses, stopping
+
+
+def log_losses(t: Trainer, state: TrainState, epoch: int, lr: float, losses: dict) -> None:
+    """Add the step's losses to the window; every ``train.log_every`` steps (and at the end)
+    write their mean as a curves.csv row and to W&B."""
+    for name, value in losses.items():
+        state.window[name] = state.window.get(name, 0.0) + value
+    state.window["_n"] = state.window.get("_n", 0) + 1
+    done = state.iteration
+    if done % t.config.train.log_every != 0 and done != t.total:
+        return
+    n = state.window.pop("_n")
+    row = {"iteration": done, "epoch": epoch, "lr": lr}
+    row.update({k: v / n for k, v in sorted(state.window.items())})
+    row["seconds"] = round(state.elapsed(), 3)
+    t.curves.append(row)
+    t.tracker.log({f"train/{k}": v for k, v in row.items() if k != "iteration"}, step=done)
+    state.window = {}
+
+
+def validate(t: Trainer, state: TrainState, epoch: int, on_validation: Callable[[int, float], None] | None) -> None:
+    """Score the model on the validation episodes; a better mIoU writes ``model_best.pt``."""
+    from fss.models.checkpoints import save_model_file
+    from pipeline import runs as R
+
+    config, iteration = t.config, state.iteration
+    with R.rng_preserved():  # validation must not change the training randomness (bit-identical resume)
+        result = evaluate_model(
+            t.model, t.val_data, t.val_protocol, shot=config.shot, device=t.device,
+            batch_size=config.test.batch_size,
+            num_workers=config.data.num_workers if config.test.num_workers is None else config.test.num_workers,
+            precision=config.train.precision, ways=1, channels_last=config.train.channels_last,
+        )
+    t.model.train()
+    t.val_log.append({"iteration": iteration, "epoch": epoch, "val_miou": result["miou"],
+                      "val_fb_iou": result["fb_iou"], "val_episodes": result["episodes"]})
+    t.tracker.log({"val/miou": result["miou"], "val/fb_iou": result["fb_iou"]}, step=iteration)
+    if state.best["miou"] is None or result["miou"] > state.best["miou"]:
+        state.best = {"miou": float(result["miou"]), "fb_iou": float(result["fb_iou"]), "iteration": iteration}
+        save_model_file(t.run.file(R.MODEL_BEST), t.model, method=config.method, backbone=config.backbone,
+                        shot=config.shot, knobs=dict(config.knobs), source=f"run:{t.run.path}@{iteration}")
+    t.run.log(f"validation at {iteration}: mIoU {result['miou']:.4f} FB-IoU {result['fb_iou']:.4f}")
+    if on_validation is not None:
+        on_validation(iteration, float(result["miou"]))
+
+
+def checkpoint_due(t: Trainer, state: TrainState, stop_after: int | None, stopping: bool) -> bool:
+    """At the end, every ``train.checkpoint_every`` steps or ``train.checkpoint_minutes``, and before any stop."""
+    train, done = t.config.train, state.iteration
+    return bool(
+        done == t.total
+        or (train.checkpoint_every and done % train.checkpoint_every == 0)
+        or (train.checkpoint_minutes > 0 and time.monotonic() - state.last_checkpoint >= train.checkpoint_minutes * 60)
+        or (stop_after is not None and done >= stop_after)
+        or stopping
+    )
+
+
+def save_checkpoint(t: Trainer, state: TrainState) -> None:
+    from pipeline import runs as R
+
+    last_lr = learning_rate(t.config, max(state.iteration - 1, 0), t.total)
+    R.save_checkpoint(
+        t.run.checkpoint_file, config=t.config, iteration=state.iteration, total_iterations=t.total, model=t.model,
+        optimizer=t.optimizer, scheduler_state={"name": t.config.schedule.name, "last_lr": last_lr},
+        best=state.best, window=state.window, elapsed_s=state.elapsed(),
+    )
+    state.last_checkpoint = time.monotonic()
+
+
 def train_run(
     config: RunConfig,
     out: str | os.PathLike,
@@ -239,226 +391,86 @@ def train_run(
     ``stop_after`` (testing): checkpoint and return after that many iterations, as if
     the process had been killed right after a checkpoint.
     """
-    import torch
-
-    from fss.models.checkpoints import save_model_file
-    from pipeline import runs as R
+    from pipeline import distributed as D
     from pipeline.tracking import Tracker
 
-    from pipeline import distributed as D
-
-    # torchrun: one process per device; rank 0 alone touches the run directory (see pipeline.distributed)
-    D.per_rank_batch_size(config.train.batch_size, D.launched_world_size())  # before any rank waits for another
-    ctx, device = D.setup_distributed(config.train.device, config.train.dist_backend, config.train.dist_timeout_minutes)
-    D.per_rank_batch_size(config.train.batch_size, ctx.world_size)
-    say = (say or (lambda m: None)) if ctx.is_main else (lambda m: None)
-    run = D.rank_run_dir(out, ctx)
-    D.on_main(lambda: run.prepare(config), ctx)  # a rerun must match the saved config (operational keys aside)
-    deterministic = set_determinism(config, device)
-    warning = bf16_cpu_warning(config.train.precision, device)
-    if warning:
-        say(warning)
-    set_threads(config.train.num_threads)
-
-    dataset = build_training_episodes(config)
-    bs = config.train.batch_size
-    per_epoch = len(dataset) // bs
-    if per_epoch == 0:
-        raise ConfigError(
-            f"train.batch_size={bs} is larger than the {len(dataset)} training episodes per epoch of fold {config.fold}; lower it."
-        )
-    total = config.train.iterations or config.train.epochs * per_epoch
-
-    # validation data (novel classes of the fold, seed distinct from the test seeds)
-    val_every = config.validation.every
-    validate = val_every > 0 or config.validation.select == "best"
-    val_data = open_split(config, "val") if validate else None
-    val_protocol = validation_protocol(config) if validate else None
-
-    seed_everything(config.train.seed)
-    model = build_model(config).to(device)
-    if config.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(config, model)
-    say(f"train {config.group} fold {config.fold}: {total} iterations ({per_epoch} per epoch) on {device} -> {out}")
-    say(config.to_yaml().rstrip())
-
-    if ctx.distributed:
-        say(f"torchrun: {ctx.world_size} processes ({ctx.backend}), {bs // ctx.world_size} episodes each per step of {bs}")
-    curves = R.CsvLog(run.file(R.CURVES_FILE), ("iteration", "epoch", "lr")) if ctx.is_main else D.NullLog()
-    val_log = R.CsvLog(run.file(R.VAL_FILE), ("iteration", "epoch")) if ctx.is_main else D.NullLog()
-    start, best, window, elapsed_before = 0, {"miou": None, "iteration": None}, {}, 0.0
-
-    def read_checkpoint():
-        if not run.checkpoint_file.is_file():
-            return None
-        blob = R.load_checkpoint(run.checkpoint_file)
-        R.checkpoint_matches_model(blob, model, run.checkpoint_file)
-        if blob["total_iterations"] != total:
-            raise ConfigError(
-                f"{run.checkpoint_file} was written for {blob['total_iterations']} iterations, this run has {total}; choose a new --out."
-            )
-        return blob
-
-    blob = D.on_main(read_checkpoint, ctx)  # torchrun: every rank resumes from rank 0's checkpoint
-    if blob is not None:
-        model.load_state_dict(blob["model"])
-        try:
-            optimizer.load_state_dict(blob["optimizer"])
-        except (ValueError, KeyError, RuntimeError):
-            raise ConfigError(f"{run.checkpoint_file} holds an optimiser state that does not fit; choose a new --out.") from None
-        R.restore_rng_state(blob["rng"])
-        start, best, window = int(blob["iteration"]), blob["best"], blob["window"]
-        elapsed_before = float(blob.get("elapsed_s", 0.0))
-        curves.truncate_after(start)
-        val_log.truncate_after(start)
-        run.log(f"resumed at iteration {start}/{total}")
-        say(f"resuming {out} at iteration {start}/{total}")
-    else:
-        curves.reset()
-        val_log.reset()
-        run.log(f"started: {config.method} {config.dataset} fold {config.fold} {config.shot}-shot, {total} iterations")
-
-    # the module called in training (DDP under torchrun); ``model`` stays the plain one that is saved
-    net = D.wrap_model(model, ctx, device, find_unused_parameters=config.train.ddp_find_unused_parameters,
-                       sync_batchnorm=config.train.sync_batchnorm)
-    tracker = Tracker(
-        enabled=config.tracking.wandb and ctx.is_main, project=config.tracking.project, entity=config.tracking.entity,
+    t = setup(config, out, say or (lambda m: None))
+    state = resume_or_start(t)
+    if state.iteration >= t.total:
+        t.say(f"{out} was already trained ({t.total} iterations); writing its final files.")
+    t.net = D.wrap_model(t.model, t.ctx, t.device, find_unused_parameters=config.train.ddp_find_unused_parameters,
+                         sync_batchnorm=config.train.sync_batchnorm)
+    t.tracker = Tracker(
+        enabled=config.tracking.wandb and t.ctx.is_main, project=config.tracking.project, entity=config.tracking.entity,
         group=config.group, job_type="train", name=f"fold{config.fold}", config=config.to_dict(),
-        run_id=_wandb_id(run), init_timeout=config.tracking.init_timeout, warn=say,
+        run_id=_wandb_id(t.run), init_timeout=config.tracking.init_timeout, warn=t.say,
     )
-    _save_wandb_id(run, tracker)
-
-    autocast = _autocast(config, device)
-    progress_hook = getattr(model, "set_train_progress", None)
-    clock = time.monotonic()
-    last_checkpoint = clock
-    elapsed = lambda: elapsed_before + (time.monotonic() - clock)  # noqa: E731
-    stop_reason = None
-
-    def save_state(iteration: int) -> None:
-        nonlocal last_checkpoint
-        R.save_checkpoint(
-            run.checkpoint_file, config=config, iteration=iteration, total_iterations=total, model=model,
-            optimizer=optimizer, scheduler_state={"name": config.schedule.name, "last_lr": learning_rate(config, max(iteration - 1, 0), total)},
-            best=best, window=window, elapsed_s=elapsed(),
-        )
-        last_checkpoint = time.monotonic()
-
-    def run_validation(iteration: int, epoch: int) -> None:
-        nonlocal best
-        with R.rng_preserved():
-            result = evaluate_model(
-                model, val_data, val_protocol, shot=config.shot, device=device,
-                batch_size=config.test.batch_size,
-                num_workers=config.data.num_workers if config.test.num_workers is None else config.test.num_workers,
-                precision=config.train.precision, ways=1, channels_last=config.train.channels_last,
-            )
-        model.train()
-        row = {"iteration": iteration, "epoch": epoch, "val_miou": result["miou"], "val_fb_iou": result["fb_iou"],
-               "val_episodes": result["episodes"]}
-        val_log.append(row)
-        tracker.log({"val/miou": result["miou"], "val/fb_iou": result["fb_iou"]}, step=iteration)
-        if best["miou"] is None or result["miou"] > best["miou"]:
-            best = {"miou": float(result["miou"]), "fb_iou": float(result["fb_iou"]), "iteration": iteration}
-            save_model_file(run.file(R.MODEL_BEST), model, method=config.method, backbone=config.backbone,
-                            shot=config.shot, knobs=dict(config.knobs), source=f"run:{run.path}@{iteration}")
-        run.log(f"validation at {iteration}: mIoU {result['miou']:.4f} FB-IoU {result['fb_iou']:.4f}")
-        if on_validation is not None:
-            on_validation(iteration, float(result["miou"]))
-
-    model.train()
-    done = start
+    _save_wandb_id(t.run, t.tracker)
+    val_every = config.validation.every
+    steps = range(state.iteration, t.total)
+    if track is not None and len(steps):
+        steps = track(steps, f"train {config.method} fold {config.fold}", len(steps))
+    t.model.train()
+    stop_reason, batches = None, None
     with _StopFlag() as stop:
-        iterator = None
-        steps = range(start, total)
-        if track is not None and start < total:
-            steps = track(steps, f"train {config.method} fold {config.fold}", total - start)
         for it in steps:
-            epoch, batch_index = divmod(it, per_epoch)
-            if iterator is None or batch_index == 0:
-                iterator = iter(epoch_loader(dataset, epoch, batch_index, bs, config.data.num_workers,
-                                             pin=device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size))
-            batch = to_device(next(iterator), device)
+            # a new loader per epoch, and mid-epoch on resume: the episodes depend on (seed, epoch, index) only
+            epoch, batch_index = divmod(it, t.per_epoch)
+            if batches is None or batch_index == 0:
+                batches = iter(epoch_loader(t.dataset, epoch, batch_index, config.train.batch_size,
+                                            config.data.num_workers, pin=t.device.type == "cuda",
+                                            rank=t.ctx.rank, world_size=t.ctx.world_size))
+            batch = to_device(next(batches), t.device)
             if config.train.channels_last:
                 batch = channels_last_batch(batch)
-            lr = learning_rate(config, it, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if progress_hook is not None:
-                progress_hook(it / total)
-            if ctx.distributed:  # per-rank training randomness keyed by (seed, rank, iteration)
-                D.seed_rank_step(config.train.seed, ctx.rank, it)
-            with autocast():
-                output = net(batch)
-            loss = output.losses["loss"]
-            # mean over ranks of the losses (the global batch's loss) and, in the same all-reduce,
-            # whether any rank got a stop signal: every rank stops at the same step
-            losses, stopping = D.reduce_mean(output.losses, ctx, flag=stop.signal is not None)
-            if not math.isfinite(losses["loss"]):
-                raise ConfigError(
-                    f"the loss became {losses['loss']} at iteration {it}; lower optim.lr or check the data (run {out})."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], config.train.grad_clip)
-            optimizer.step()
 
-            for name, value in losses.items():
-                window[name] = window.get(name, 0.0) + value
-            window["_n"] = window.get("_n", 0) + 1
-            done = it + 1
-            if done % config.train.log_every == 0 or done == total:
-                n = window.pop("_n")
-                row = {"iteration": done, "epoch": epoch, "lr": lr}
-                row.update({k: v / n for k, v in sorted(window.items())})
-                row["seconds"] = round(elapsed(), 3)
-                curves.append(row)
-                tracker.log({f"train/{k}": v for k, v in row.items() if k != "iteration"}, step=done)
-                window = {}
-            if validate and ((val_every and done % val_every == 0) or done == total):
-                if ctx.is_main:  # torchrun: rank 0 validates, the others wait
-                    run_validation(done, epoch)
-                D.barrier(ctx)
-            minutes = config.train.checkpoint_minutes
-            due = (
-                done == total
-                or (config.train.checkpoint_every and done % config.train.checkpoint_every == 0)
-                or (minutes > 0 and time.monotonic() - last_checkpoint >= minutes * 60)
-                or (stop_after is not None and done >= stop_after)
-                or stopping
-            )
-            if due and ctx.is_main:
-                save_state(done)
-            if stop_after is not None and done >= stop_after and done < total:
+            lr = learning_rate(config, it, t.total)
+            losses, stopping = train_step(t, it, batch, lr, stop.signal is not None)
+            state.iteration = done = it + 1
+            log_losses(t, state, epoch, lr, losses)
+
+            # validation (rank 0 validates, the other ranks wait for it)
+            if t.val_data is not None and ((val_every and done % val_every == 0) or done == t.total):
+                if t.ctx.is_main:
+                    validate(t, state, epoch, on_validation)
+                D.barrier(t.ctx)
+
+            # checkpoint, then stop if asked: a rerun resumes exactly here
+            if checkpoint_due(t, state, stop_after, stopping) and t.ctx.is_main:
+                save_checkpoint(t, state)
+            if stop_after is not None and stop_after <= done < t.total:
                 stop_reason = f"stopped after iteration {done} (--stop-after)"
-                break
-            if stopping and done < total:
+            elif stopping and done < t.total:
                 stop_reason = f"interrupted by signal {stop.signal} at iteration {done}; checkpoint saved"
+            if stop_reason is not None:
                 break
     if stop_reason is not None:
-        run.log(stop_reason)
-        tracker.finish(exit_code=1)
-        say(f"{stop_reason}; rerun the same command to resume.")
-        return {"status": "stopped", "iteration": done, "total_iterations": total,
-                "signal": stop.signal}
+        t.run.log(stop_reason)
+        t.tracker.finish(exit_code=1)
+        t.say(f"{stop_reason}; rerun the same command to resume.")
+        return {"status": "stopped", "iteration": state.iteration, "total_iterations": t.total, "signal": stop.signal}
+    return finish(t, state, plots_dir)
 
-    if not ctx.is_main:  # torchrun: rank 0 writes the final files; the others wait for it
-        D.barrier(ctx)
-        return {"status": "done", "rank": ctx.rank, "world_size": ctx.world_size, "iterations": total}
-    if start >= total:
-        say(f"{out} was already trained ({total} iterations); writing its final files.")
-    summary = _finish(config, run, model, best, total, per_epoch, elapsed(), deterministic, device,
-                      world_size=ctx.world_size)
+
+def finish(t: Trainer, state: TrainState, plots_dir) -> dict:
+    """Final model files, empty val.csv without validation, plot copies and W&B summary."""
+    from pipeline import distributed as D
+    from pipeline import runs as R
+
+    if not t.ctx.is_main:  # torchrun: rank 0 writes the final files; the others wait for it
+        D.barrier(t.ctx)
+        return {"status": "done", "rank": t.ctx.rank, "world_size": t.ctx.world_size, "iterations": t.total}
+    run = t.run
+    summary = _finish(t.config, run, t.model, state.best, t.total, t.per_epoch, state.elapsed(), t.deterministic,
+                      t.device, world_size=t.ctx.world_size)
     if not run.file(R.VAL_FILE).is_file():  # no validation: an empty table, so the file always exists
         R.atomic_write_text(run.file(R.VAL_FILE), "iteration,epoch,val_miou,val_fb_iou,val_episodes\n")
     if plots_dir is not None:
         for name in (R.CURVES_FILE, R.VAL_FILE):
             R.atomic_write_text(Path(plots_dir) / name, run.file(name).read_text())
-    tracker.summary({"final/" + k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-    tracker.finish()
-    D.barrier(ctx)
+    t.tracker.summary({"final/" + k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    t.tracker.finish()
+    D.barrier(t.ctx)
     return summary
 
 

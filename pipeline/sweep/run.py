@@ -34,7 +34,8 @@ from pipeline.sweep.queueing import (
 )
 from pipeline.sweep.study import StudySpec, point_key, point_slug, resolve_trial_config, test_seed_overlap
 from pipeline.tracking import Tracker
-from pipeline.train import open_split, train_run
+from pipeline.train import train_run
+from pipeline.train_data import open_split
 
 
 def suggest(trial, spec: StudySpec) -> dict[str, Any]:

@@ -134,7 +134,8 @@ def test_training_and_evaluation_with_bf16_and_channels_last(bench_synthetic_roo
     from fss.models.checkpoints import load_model_file
     from pipeline.config import REPO_PARAMS, resolve_run_config
     from fss.evaluation import evaluate_model, validation_protocol
-    from pipeline.train import open_split, train_run
+    from pipeline.train import train_run
+    from pipeline.train_data import open_split
 
     sets = {
         "data.root": str(bench_synthetic_root), "data.train_size": 33, "train.batch_size": 2,

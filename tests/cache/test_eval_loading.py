@@ -27,7 +27,7 @@ def _training_episodes(root):
 
 def test_training_batches_identical_with_zero_and_two_workers(cache_synthetic_root):
     """Augmentation randomness comes from per-episode seeds, not from the worker processes."""
-    from pipeline.train import epoch_loader
+    from pipeline.train_data import epoch_loader
 
     dataset = _training_episodes(cache_synthetic_root)
     main = list(epoch_loader(dataset, epoch=1, first_batch=1, batch_size=2, num_workers=0, pin=False))

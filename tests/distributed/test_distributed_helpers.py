@@ -57,7 +57,7 @@ def test_non_divisible_batch_through_the_cli(synthetic_data, tmp_path, monkeypat
 
 def test_epoch_loader_shards_equal_the_one_process_batches(synthetic_data):
     from pipeline.config import resolve_run_config
-    from pipeline.train import build_training_episodes, epoch_loader
+    from pipeline.train_data import build_training_episodes, epoch_loader
 
     config = resolve_run_config(method="pfenet", dataset="synthetic", fold=0, shot=1, iterations=2, device="cpu",
                                 set_values=train_sets(synthetic_data, **{"knobs.reduce_dim": 16}))

@@ -83,7 +83,7 @@ def test_offline_train_and_evaluate_write_wandb_runs(synthetic_root, tmp_path, m
                                 b"pfenet-synthetic-small-1shot"))
 
     from pipeline.evaluate import evaluate_one, make_protocol
-    from pipeline.train import open_split
+    from pipeline.train_data import open_split
 
     import torch
 
