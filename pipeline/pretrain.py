@@ -13,7 +13,7 @@ Instead each fold gets its own backbone, trained by semantic segmentation of tha
   classes are background) -> 0, 255 kept as ignore;
 * a small head on ``layer4`` (3x3 conv 128 + BN + ReLU + 1x1 conv to 16 classes), logits
   upsampled bilinearly to the label size, cross-entropy ignoring 255;
-* SGD (momentum 0.9), poly learning rate, a few epochs.
+* SGD (momentum 0.9), the training runs' poly learning rate (``pipeline.train.poly_lr``), a few epochs.
 
 Only the backbone's weights are written (a plain state dict, atomically), loadable with
 ``build_backbone("small", weights=FILE)``; a JSON report with the training loss and the
@@ -97,6 +97,7 @@ def pretrain_backbone(
     from fss.models.checkpoints import atomic_torch_save
     from pipeline.config import resolve_device
     from pipeline.runs import write_json
+    from pipeline.train import poly_lr
 
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("size", size, 17)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -149,7 +150,7 @@ def pretrain_backbone(
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         y = torch.where(flip[:, None, None], y.flip(-1), y)
         for g in optimizer.param_groups:
-            g["lr"] = lr * (1 - it / total) ** power
+            g["lr"] = poly_lr(lr, it, total, power)
         loss = F.cross_entropy(forward(x.to(dev).contiguous(memory_format=layout)), y.to(dev), ignore_index=255)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

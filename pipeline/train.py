@@ -49,12 +49,17 @@ TrackFn = Callable[..., Any]
 # ---------------------------------------------------------------- schedule and optimiser
 
 
+def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
+    """PFENet's poly schedule at (0-based) ``iteration`` of ``total``; also `fss pretrain`'s."""
+    return base * max(0.0, 1.0 - (iteration + 1) / total) ** power
+
+
 def learning_rate(config: RunConfig, iteration: int, total: int) -> float:
     """The lr of (0-based) ``iteration`` of ``total`` (see the module docstring)."""
     base = config.optim.lr
     sched = config.schedule
     if sched.name == "poly":
-        lr = base * max(0.0, 1.0 - (iteration + 1) / total) ** sched.power
+        lr = poly_lr(base, iteration, total, sched.power)
     elif sched.name == "step":
         passed = sum(1 for m in sched.milestones if iteration >= int(round(m * total)))
         lr = base * sched.gamma ** passed
