@@ -132,7 +132,7 @@ def test_the_lock_file_is_not_committed():
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     tracked = subprocess.run(["git", "ls-files", "dvc.lock"], cwd=REPO, capture_output=True, text=True, check=True)
-    assert tracked.stdout.strip() == "", "dvc.lock is tracked by git; 'git rm --cached dvc.lock' (see README, The DVC graph)"
+    assert tracked.stdout.strip() == "", "dvc.lock is tracked by git; 'git rm --cached dvc.lock' (see docs/pipeline.md, The DVC graph)"
 
 
 def test_dvc_reads_yaml_with_the_c_parser():
