@@ -121,6 +121,35 @@ def evaluate_one(
     cache_counts = None if feature_cache is None else {
         k: v - cache_before[k] for k, v in feature_cache.stats.as_dict().items()}
     samples = result.pop("samples")
+    report = _report(result, meta=meta, dataset=dataset, fold=fold, shot=shot, ways=ways, protocol=protocol,
+                     model_path=model_path, selection=selection, run_dir=run_dir, data=data, device=device,
+                     precision=precision, channels_last=channels_last, seconds=seconds, cache_counts=cache_counts)
+    if figure is not None and figure_episodes > 0 and samples:
+        from pipeline.figures import episode_figure
+
+        title = (f"{meta['method']} {dataset} fold {fold} {shot}-shot ({protocol.name}): "
+                 f"mIoU {100 * report['miou']:.1f}, FB-IoU {100 * report['fb_iou']:.1f}")
+        episode_figure(samples[:figure_episodes], figure, title=title, class_names=_class_names(data))
+        report["figure"] = str(figure)
+    write_json(out, report)
+    tracker.summary({"miou": report["miou"], "fb_iou": report["fb_iou"], "episodes": report["episodes"],
+                     **({"miou_std": report["miou_std"]} if "miou_std" in report else {})})
+    tracker.log({"miou": report["miou"], "fb_iou": report["fb_iou"],
+                 **{f"class_iou/{k}": v for k, v in report["class_iou"].items()}})
+    if samples and tracker.active:
+        tracker.images("predictions", [
+            {"image": s["query"], "prediction": s["prediction"], "ground_truth": s["ground_truth"],
+             "caption": f"episode {s['episode']} class {s['class_id']}"}
+            for s in samples[: tracking.images]
+        ])
+    tracker.finish()
+    return report
+
+
+def _report(result: dict, *, meta: dict, dataset: str, fold: int, shot: int, ways: int, protocol, model_path: Path,
+            selection: str, run_dir: Path | None, data, device, precision: str, channels_last: bool,
+            seconds: float, cache_counts: dict | None) -> dict:
+    """The evaluation JSON of one model at one shot count (format in the module docstring)."""
     report = {
         "kind": EVAL_KIND,
         "version": EVAL_VERSION,
@@ -166,25 +195,6 @@ def evaluate_one(
         report["fb_iou_std"] = result["fb_iou_std"]
         if "class_iou_std" in result:
             report["class_iou_std"] = {str(k): v for k, v in result["class_iou_std"].items()}
-    if figure is not None and figure_episodes > 0 and samples:
-        from pipeline.figures import episode_figure
-
-        title = (f"{meta['method']} {dataset} fold {fold} {shot}-shot ({protocol.name}): "
-                 f"mIoU {100 * report['miou']:.1f}, FB-IoU {100 * report['fb_iou']:.1f}")
-        episode_figure(samples[:figure_episodes], figure, title=title, class_names=_class_names(data))
-        report["figure"] = str(figure)
-    write_json(out, report)
-    tracker.summary({"miou": report["miou"], "fb_iou": report["fb_iou"], "episodes": report["episodes"],
-                     **({"miou_std": report["miou_std"]} if "miou_std" in report else {})})
-    tracker.log({"miou": report["miou"], "fb_iou": report["fb_iou"],
-                 **{f"class_iou/{k}": v for k, v in report["class_iou"].items()}})
-    if samples and tracker.active:
-        tracker.images("predictions", [
-            {"image": s["query"], "prediction": s["prediction"], "ground_truth": s["ground_truth"],
-             "caption": f"episode {s['episode']} class {s['class_id']}"}
-            for s in samples[: tracking.images]
-        ])
-    tracker.finish()
     return report
 
 
@@ -213,6 +223,62 @@ def _make_feature_cache(test_cfg, enabled: bool | None, directory: Path | None, 
             raise ConfigError(f"cannot use feature cache directory {directory} ({exc.strerror or exc}); "
                               f"give a writable directory or leave --feature-cache-dir out.") from None
     return FeatureCache(max_bytes=int(mb) << 20, directory=directory)
+
+
+def _run_source(run: Path, checkpoint: str, device: str | None, num_workers: int | None) -> dict:
+    """What `fss evaluate --run` scores: the run's weights, data and settings."""
+    from pipeline import runs as R
+
+    rd = R.RunDir(run)
+    config = rd.load_config()
+    names = {"selected": R.MODEL_SELECTED, "last": R.MODEL_LAST, "best": R.MODEL_BEST}
+    model_path = rd.file(names[checkpoint])
+    if not model_path.is_file():
+        raise CheckpointError(
+            f"{model_path} does not exist; the run is not finished (rerun its 'fss train' command)"
+            + (" or it had no validation (validation.select: best)." if checkpoint == "best" else ".")
+        )
+    selection = checkpoint
+    if checkpoint == "selected":
+        summary_file = rd.file(R.SUMMARY_FILE)
+        selection = R.read_json(summary_file, "run summary").get("selected", "last") if summary_file.is_file() else "last"
+    ds_name, fold_, root_, conv = config.dataset, config.fold, Path(config.data.root), config.data.convention
+    test_cfg, tracking = config.test, config.tracking
+    if device is None:
+        device = config.train.device
+    workers = config.test.num_workers if config.test.num_workers is not None else config.data.num_workers
+    workers = workers if num_workers is None else num_workers
+    precision = config.train.precision
+    channels_last = config.train.channels_last
+    group_shot = config.shot
+    cache = config.data.cache_images
+    return dict(model_path=model_path, selection=selection, ds_name=ds_name, fold_=fold_, root_=root_, conv=conv,
+                test_cfg=test_cfg, tracking=tracking, device=device, workers=workers, precision=precision,
+                channels_last=channels_last, group_shot=group_shot, cache=cache)
+
+
+def _model_source(model: Path, dataset: str | None, root: Path | None, fold: int | None, convention: str | None,
+                  num_workers: int | None, params: Path | None, device: str | None) -> dict:
+    """What `fss evaluate --model` scores: an imported model file on the given prepared data."""
+    from fss.data.classes import check_dataset, check_fold
+    from pipeline.config import build_section, eval_defaults, layered_values, load_params, tracking_defaults
+
+    if dataset is None or root is None or fold is None:
+        raise ConfigError("--model needs --dataset, --root and --fold.")
+    check_dataset(dataset)
+    check_fold(fold)
+    model_path, selection = model, "imported"
+    p, _ = load_params(params)
+    ds_name, fold_, root_, conv = dataset, fold, root, convention
+    test_cfg, tracking = eval_defaults(p, dataset), tracking_defaults(p, dataset)
+    workers = num_workers if num_workers is not None else (test_cfg.num_workers or 0)
+    precision = "fp32"
+    channels_last = False
+    group_shot = None
+    cache = build_section("data", layered_values(p, None, dataset).get("data")).cache_images
+    return dict(model_path=model_path, selection=selection, ds_name=ds_name, fold_=fold_, root_=root_, conv=conv,
+                test_cfg=test_cfg, tracking=tracking, device=device, workers=workers, precision=precision,
+                channels_last=channels_last, group_shot=group_shot, cache=cache)
 
 
 def evaluate_command(
@@ -252,17 +318,7 @@ def evaluate_command(
     import dataclasses
     import json
 
-    from fss.data.classes import check_dataset, check_fold
-    from pipeline import runs as R
-    from pipeline.config import (
-        bf16_cpu_warning,
-        build_section,
-        eval_defaults,
-        layered_values,
-        load_params,
-        resolve_device,
-        tracking_defaults,
-    )
+    from pipeline.config import bf16_cpu_warning, resolve_device
     from pipeline.console import console, track
 
     say = lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
@@ -277,44 +333,13 @@ def evaluate_command(
     if run is not None:
         if any(v is not None for v in (dataset, root, fold, convention)):
             raise ConfigError("--dataset/--root/--fold/--convention go with --model; a run directory knows its data.")
-        rd = R.RunDir(run)
-        config = rd.load_config()
-        names = {"selected": R.MODEL_SELECTED, "last": R.MODEL_LAST, "best": R.MODEL_BEST}
-        model_path = rd.file(names[checkpoint])
-        if not model_path.is_file():
-            raise CheckpointError(
-                f"{model_path} does not exist; the run is not finished (rerun its 'fss train' command)"
-                + (" or it had no validation (validation.select: best)." if checkpoint == "best" else ".")
-            )
-        selection = checkpoint
-        if checkpoint == "selected":
-            summary_file = rd.file(R.SUMMARY_FILE)
-            selection = R.read_json(summary_file, "run summary").get("selected", "last") if summary_file.is_file() else "last"
-        ds_name, fold_, root_, conv = config.dataset, config.fold, Path(config.data.root), config.data.convention
-        test_cfg, tracking = config.test, config.tracking
-        if device is None:
-            device = config.train.device
-        workers = config.test.num_workers if config.test.num_workers is not None else config.data.num_workers
-        workers = workers if num_workers is None else num_workers
-        precision = config.train.precision
-        channels_last = config.train.channels_last
-        group_shot = config.shot
-        cache = config.data.cache_images
+        src = _run_source(run, checkpoint, device, num_workers)
     else:
-        if dataset is None or root is None or fold is None:
-            raise ConfigError("--model needs --dataset, --root and --fold.")
-        check_dataset(dataset)
-        check_fold(fold)
-        model_path, selection = model, "imported"
-        p, _ = load_params(params)
-        ds_name, fold_, root_, conv = dataset, fold, root, convention
-        test_cfg, tracking = eval_defaults(p, dataset), tracking_defaults(p, dataset)
-        workers = num_workers if num_workers is not None else (test_cfg.num_workers or 0)
-        precision = "fp32"
-        channels_last = False
-        group_shot = None
-        cache = build_section("data", layered_values(p, None, dataset).get("data")).cache_images
-        rd = None
+        src = _model_source(model, dataset, root, fold, convention, num_workers, params, device)
+    model_path, selection, ds_name, fold_, root_, conv = (src[k] for k in (
+        "model_path", "selection", "ds_name", "fold_", "root_", "conv"))
+    test_cfg, tracking, device, workers, precision, channels_last, group_shot, cache = (src[k] for k in (
+        "test_cfg", "tracking", "device", "workers", "precision", "channels_last", "group_shot", "cache"))
     if wandb is not None:
         tracking = dataclasses.replace(tracking, wandb=wandb)
     dev = resolve_device(device or "auto")
