@@ -158,18 +158,7 @@ def pretrain_backbone(
         losses.append(float(loss.detach()))
 
     # training-set accuracy (a sanity check; there is no held-out base-class split)
-    model.eval()
-    k = len(base) + 1
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    with torch.no_grad():
-        for s in range(0, n, 64):
-            pred = forward(images[s:s + 64].to(dev).contiguous(memory_format=layout)).argmax(1).cpu()
-            y = labels[s:s + 64]
-            valid = y != 255
-            confusion += torch.bincount(y[valid] * k + pred[valid], minlength=k * k).view(k, k)
-    inter = confusion.diag().double()
-    union = confusion.sum(0).double() + confusion.sum(1).double() - inter
-    iou = (inter / union.clamp(min=1)).tolist()
+    pixel_accuracy, base_miou = _train_set_scores(forward, model, images, labels, len(base) + 1, dev, layout)
     out = Path(out)
     atomic_torch_save({k2: v.detach().cpu().contiguous() for k2, v in net.state_dict().items()}, out)
     tail = losses[-max(1, per_epoch):]
@@ -190,13 +179,31 @@ def pretrain_backbone(
         "seed": seed,
         "channels_last": channels_last,
         "final_loss": sum(tail) / len(tail),
-        "train_pixel_accuracy": float(inter.sum() / confusion.sum().clamp(min=1)),
-        "train_base_miou": float(sum(iou[1:]) / len(base)),
+        "train_pixel_accuracy": pixel_accuracy,
+        "train_base_miou": base_miou,
         "seconds": round(time.monotonic() - start, 2),
         "weights": str(out),
     }
     write_json(out.with_suffix(".json"), report)
     return report
+
+
+def _train_set_scores(forward, model, images, labels, k: int, dev, layout) -> tuple[float, float]:
+    """Pixel accuracy and mean IoU of the ``k - 1`` base classes (background excluded) on the training images."""
+    import torch
+
+    model.eval()
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    with torch.no_grad():
+        for s in range(0, images.shape[0], 64):
+            pred = forward(images[s:s + 64].to(dev).contiguous(memory_format=layout)).argmax(1).cpu()
+            y = labels[s:s + 64]
+            valid = y != 255
+            confusion += torch.bincount(y[valid] * k + pred[valid], minlength=k * k).view(k, k)
+    inter = confusion.diag().double()
+    union = confusion.sum(0).double() + confusion.sum(1).double() - inter
+    iou = (inter / union.clamp(min=1)).tolist()
+    return float(inter.sum() / confusion.sum().clamp(min=1)), float(sum(iou[1:]) / (k - 1))
 
 
 def pretrain_command(
