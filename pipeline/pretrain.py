@@ -13,7 +13,7 @@ Instead each fold gets its own backbone, trained by semantic segmentation of tha
   classes are background) -> 0, 255 kept as ignore;
 * a small head on ``layer4`` (3x3 conv 128 + BN + ReLU + 1x1 conv to 16 classes), logits
   upsampled bilinearly to the label size, cross-entropy ignoring 255;
-* SGD (momentum 0.9), the training runs' poly learning rate (``pipeline.train.poly_lr``), a few epochs.
+* SGD (momentum 0.9), the training runs' poly learning rate (``fss.schedule.poly_lr``), a few epochs.
 
 Only the backbone's weights are written (a plain state dict, atomically), loadable with
 ``build_backbone("small", weights=FILE)``; a JSON report with the training loss and the
@@ -95,9 +95,9 @@ def pretrain_backbone(
     from fss.data.prepared import PreparedDataset
     from fss.models.backbones import build_backbone
     from fss.models.checkpoints import atomic_torch_save
+    from fss.schedule import poly_lr
     from pipeline.config import resolve_device
     from pipeline.runs import write_json
-    from pipeline.train import poly_lr
 
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("size", size, 17)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:

@@ -39,6 +39,7 @@ import typer
 from fss.errors import ConfigError
 from fss.evaluation import evaluate_model, validation_protocol
 from fss.layout import channels_last_batch
+from fss.schedule import poly_lr
 
 from pipeline.config import RunConfig, bf16_cpu_warning, resolve_run_config
 from pipeline.train_data import build_training_episodes, epoch_loader, open_split, to_device
@@ -47,11 +48,6 @@ TrackFn = Callable[..., Any]
 
 
 # ---------------------------------------------------------------- schedule and optimiser
-
-
-def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
-    """PFENet's poly schedule at (0-based) ``iteration`` of ``total``; also `fss pretrain`'s."""
-    return base * max(0.0, 1.0 - (iteration + 1) / total) ** power
 
 
 def learning_rate(config: RunConfig, iteration: int, total: int) -> float:
