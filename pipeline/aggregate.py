@@ -94,6 +94,16 @@ def _row_label(method: str, train_shot, variant: str = "trained") -> str:
     return f"{label} (trained {int(train_shot)}-shot)"
 
 
+#: training-free rows, shown first so that every reader sees what training adds over them
+FLOOR_METHODS = ("prototype",)
+
+
+def _floor_first(table):
+    """``table`` with the rows of FLOOR_METHODS first, the others in their sorted order."""
+    first = [r for r in table.index if r.split(" ")[0] in FLOOR_METHODS]
+    return table.loc[first + [r for r in table.index if r not in first]]
+
+
 def miou_table(df):
     """Rows = methods; columns (setting, Fold-0..3 | Mean), mIoU in %."""
     import pandas as pd
@@ -111,7 +121,7 @@ def miou_table(df):
     table = pd.DataFrame(cols, index=wide.index)
     table.columns = pd.MultiIndex.from_tuples(table.columns, names=["setting", ""])
     table.index.name = "Method"
-    return table
+    return _floor_first(table)
 
 
 def fbiou_table(df):
@@ -122,7 +132,7 @@ def fbiou_table(df):
     table = table[sorted(table.columns, key=lambda s: int(s.split("-")[0]))]
     table.index.name = "Method"
     table.columns.name = None
-    return table
+    return _floor_first(table)
 
 
 def _fmt(v) -> str:

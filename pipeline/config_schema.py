@@ -91,6 +91,8 @@ class TrainLoopConfig:
     checkpoint_minutes: float = _opt(5.0, "write the resume checkpoint after this many minutes of work", low=0.0)
     checkpoint_every: int = _opt(0, "also write it every N iterations (0 = only by time and at the end)", low=0)
     grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0 = off; no reference clips)", low=0.0)
+    fg_weight: float = _opt(1.0, "weight of foreground pixels in the segmentation cross-entropy (1 = the papers' "
+                            "unweighted CE; weighted mean over the valid pixels)", low=0.0)
     dist_backend: str = _opt("auto", "torchrun only: process-group backend, auto = nccl on CUDA, gloo on CPU", choices=("auto", "nccl", "gloo"))
     dist_timeout_minutes: float = _opt(60.0, "torchrun only: how long ranks wait for each other (rank 0 validates alone)", low=1.0)
     sync_batchnorm: bool = _opt(True, "torchrun only: BatchNorm layers in train mode use the global batch's statistics, as one process would; default true")

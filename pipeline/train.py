@@ -221,7 +221,10 @@ def setup(config: RunConfig, out, say: Callable[[str], None]) -> Trainer:
     model = build_model(config).to(device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(config, model)
+    model.fg_weight = float(config.train.fg_weight)
+    if model.training_free:  # e.g. prototype: the run directory holds the fixed model, 0 steps
+        total, validate = 0, False
+    optimizer = make_optimizer(config, model) if total else None
     say(f"train {config.group} fold {config.fold}: {total} iterations ({per_epoch} per epoch) on {device} -> {out}")
     say(config.to_yaml().rstrip())
     if ctx.distributed:
@@ -397,7 +400,7 @@ def train_run(
 
     t = setup(config, out, say or (lambda m: None))
     state = resume_or_start(t)
-    if state.iteration >= t.total:
+    if state.iteration >= t.total > 0:
         t.say(f"{out} was already trained ({t.total} iterations); writing its final files.")
     t.net = D.wrap_model(t.model, t.ctx, t.device, find_unused_parameters=config.train.ddp_find_unused_parameters,
                          sync_batchnorm=config.train.sync_batchnorm)
@@ -464,6 +467,8 @@ def finish(t: Trainer, state: TrainState, plots_dir) -> dict:
     run = t.run
     summary = _finish(t.config, run, t.model, state.best, t.total, t.per_epoch, state.elapsed(), t.deterministic,
                       t.device, world_size=t.ctx.world_size)
+    if not run.file(R.CURVES_FILE).is_file():  # a training-free method: an empty curve, so the file always exists
+        R.atomic_write_text(run.file(R.CURVES_FILE), "iteration,epoch,lr,loss\n")
     if not run.file(R.VAL_FILE).is_file():  # no validation: an empty table, so the file always exists
         R.atomic_write_text(run.file(R.VAL_FILE), "iteration,epoch,val_miou,val_fb_iou,val_episodes\n")
     if plots_dir is not None:

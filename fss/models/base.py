@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fss.models.blocks import cross_entropy_ignore
+
 #: Keys of a training/evaluation batch as produced by ``fss.data.episodes`` after collation.
 BATCH_KEYS = {
     "support_images": "float [B,K,3,H,W] (N-way: [B,N,K,3,H,W])",
@@ -53,6 +55,18 @@ class FSSModel(nn.Module):
     """Base class: subclasses implement :meth:`forward_train` and :meth:`forward_infer`."""
 
     method_name: str = "?"
+    #: weight of foreground pixels in the segmentation CE (``train.fg_weight``, set by the
+    #: trainer; 1 = the papers' plain CE)
+    fg_weight: float = 1.0
+    #: True for a method with nothing to learn (``prototype``): ``fss train`` runs 0 steps
+    training_free: bool = False
+
+    def segmentation_ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Segmentation cross-entropy (ignore 255) with this model's foreground weight; at 1
+        it is exactly the references' ``F.cross_entropy(..., ignore_index=255)``."""
+        if self.fg_weight == 1.0:
+            return torch.nn.functional.cross_entropy(logits.float(), target.long(), ignore_index=255)
+        return cross_entropy_ignore(logits, target, fg_weight=self.fg_weight)
 
     def forward(self, batch: dict[str, torch.Tensor]):
         if self.training:

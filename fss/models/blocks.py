@@ -270,11 +270,18 @@ def latent_pseudo_mask(region: torch.Tensor, base_masks: torch.Tensor, found: to
     return target
 
 
-def cross_entropy_ignore(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def cross_entropy_ignore(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
+                         fg_weight: float = 1.0) -> torch.Tensor:
     """Mean cross-entropy over the pixels whose target is not ``ignore_index``.
 
     Equals ``F.cross_entropy(..., ignore_index=...)`` but returns 0 (keeping the graph)
-    instead of NaN when every pixel is ignored.
+    instead of NaN when every pixel is ignored. ``fg_weight`` != 1 weights the pixels of
+    class 1 (binary episodes): ``sum(w * ce) / sum(w)``, torch's class-weighted mean.
     """
-    total = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="sum")
+    target = target.long()
+    if fg_weight != 1.0:
+        ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+        weight = torch.where(target == 1, fg_weight, 1.0) * (target != ignore_index)
+        return (ce * weight).sum() / weight.sum().clamp(min=1e-6)
+    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
     return total / (target != ignore_index).sum().clamp(min=1)

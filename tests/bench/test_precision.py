@@ -30,7 +30,8 @@ def _train_losses(model, batch, bf16: bool):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model(batch)
-    out.losses["loss"].backward()
+    if not model.training_free:  # prototype: nothing to back-propagate into
+        out.losses["loss"].backward()
     return out
 
 
@@ -45,7 +46,7 @@ def test_bf16_training_step_and_inference_of_every_method(method):
         # bf16 arithmetic moves a loss of a fresh model by well under 5%
         assert float(value.detach()) == pytest.approx(reference[name], rel=0.05, abs=0.02), name
     grads = [p.grad for p in model.trainable_parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert (grads or model.training_free) and all(torch.isfinite(g).all() for g in grads)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast never casts the weights
     assert batch["support_masks"].dtype == torch.long and batch["query_masks"].dtype == torch.long
     model.eval()

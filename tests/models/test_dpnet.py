@@ -439,3 +439,27 @@ def test_bad_knobs_raise_config_error(knobs):
 def test_unsupported_backbone_raises_config_error():
     with pytest.raises(ConfigError):
         create_model("dpnet_canet", backbone="vgg16")
+
+
+def test_discriminator_loss_is_per_episode_mean_then_batch_mean():
+    """Eq. 10: 1/K over each episode's K kept locations, then the mean over the batch (not one
+    mean over every location of the batch, which weights episodes by how many they keep)."""
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0]).view(2, 1, 1, 2)
+    selected = torch.tensor([[True, False], [True, True]]).view(2, 1, 1, 2)
+    masks = torch.tensor([[1, 0], [0, 1]]).view(2, 1, 2)
+    terms = F.binary_cross_entropy_with_logits(logits.flatten(), torch.tensor([1.0, 0.0, 0.0, 1.0]),
+                                               reduction="none")
+    expected = (terms[0] + (terms[2] + terms[3]) / 2) / 2
+    torch.testing.assert_close(DPNet.discriminator_loss(logits, selected, masks), expected)
+    assert DPNet.discriminator_loss(logits, torch.zeros_like(selected), masks).item() == 0.0
+
+
+def test_fg_weight_changes_the_segmentation_terms_only():
+    torch.manual_seed(0)
+    plain = _model().train().forward_train(_episode()).losses
+    torch.manual_seed(0)
+    model = _model().train()
+    model.fg_weight = 3.0
+    weighted = model.forward_train(_episode()).losses
+    assert not torch.isclose(plain["seg"], weighted["seg"])
+    torch.testing.assert_close(plain["dis"], weighted["dis"])

@@ -346,3 +346,17 @@ def test_import_refuses_own_model_file(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         import_checkpoint("panet", path)
     assert "model file of this project" in _one_line(exc)
+
+
+def test_bn_eval_keeps_the_backbone_batchnorm_statistics():
+    model = create_model("panet", backbone="small", bn_eval=True).train()
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)
+    before = [m.running_mean.clone() for m in bns]
+    batch = {"support_images": torch.randn(2, 1, 3, H, W), "support_masks": torch.ones(2, 1, H, W, dtype=torch.long),
+             "query_images": torch.randn(2, 3, H, W), "query_masks": torch.zeros(2, H, W, dtype=torch.long)}
+    batch["support_masks"][..., :10, :] = 0
+    model.forward_train(batch).losses["loss"].backward()
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
+    assert all(m.training for m in create_model("panet", backbone="small").train().backbone.modules()
+               if isinstance(m, torch.nn.BatchNorm2d))

@@ -237,3 +237,26 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(synthetic_root, tmp_p
     assert _same_weights(_weights(reference), _weights(tmp_path / "killed"))
     assert _rows(reference / R.CURVES_FILE) == _rows(tmp_path / "killed" / R.CURVES_FILE)
     assert _rows(reference / R.VAL_FILE) == _rows(tmp_path / "killed" / R.VAL_FILE)
+
+
+def test_the_training_free_floor_runs_through_train_evaluate_and_aggregate(synthetic_root, reference_run, tmp_path,
+                                                                           capsys):
+    """prototype: `fss train` writes a run with 0 steps (no optimiser), `fss evaluate` scores it,
+    and the aggregated tables list it before the trained methods."""
+    config = resolve_run_config(method="prototype", dataset="synthetic", fold=0, shot=1, iterations=6,
+                                device="cpu", set_values=[v for v in tiny_sets(synthetic_root) if not v.startswith("knobs.")],
+                                params_path=REPO_PARAMS)
+    run = tmp_path / "prototype"
+    summary = train_run(config, run)
+    assert summary["iterations"] == 0
+    assert _rows(run / R.CURVES_FILE) == [] and (run / R.MODEL_SELECTED).is_file()
+    evals = tmp_path / "evals"
+    for name, source in (("prototype", run), ("pfenet", reference_run)):
+        code, _, err = run_fss(["evaluate", "--run", source, "--out", evals / f"{name}.json"], capsys)
+        assert code == 0, err
+    assert 0.0 < json.loads((evals / "prototype.json").read_text())["miou"] <= 1.0
+    code, _, err = run_fss(["aggregate", "--runs", evals, "--out", tmp_path / "results"], capsys)
+    assert code == 0, err
+    rows = [line.split("|")[1].strip() for line in (tmp_path / "results" / "table_miou.md").read_text().splitlines()
+            if line.startswith("| ") and "Method" not in line and "---" not in line]
+    assert rows[:2] == ["prototype", "pfenet"]

@@ -6,6 +6,6 @@ and one import line (an explicit list, as timm does, so that a helper module is 
 mistaken for a method).
 """
 
-from fss.models.methods import apanet, canet, celp, dpnet, panet, pfenet, simpropnet
+from fss.models.methods import apanet, canet, celp, dpnet, panet, pfenet, prototype, simpropnet
 
-__all__ = ["apanet", "canet", "celp", "dpnet", "panet", "pfenet", "simpropnet"]
+__all__ = ["apanet", "canet", "celp", "dpnet", "panet", "pfenet", "prototype", "simpropnet"]

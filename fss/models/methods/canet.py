@@ -269,7 +269,7 @@ class CANet(FSSModel):
         compared = self.dense_comparison(query_feat, prototype)
         logits = self.iom_decode(compared, self.training_history(compared))
         logits = _resize(logits, query_masks.shape[-2:])
-        seg = F.cross_entropy(logits.float(), query_masks.long(), ignore_index=IGNORE_INDEX)
+        seg = self.segmentation_ce(logits, query_masks)
         return ModelOutput(logits=logits, losses={"seg": seg, "loss": seg})
 
     def forward_infer(self, support_images, support_masks, query_images) -> torch.Tensor:

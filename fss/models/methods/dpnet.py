@@ -51,8 +51,8 @@ the features averaged into ``P_q`` (Eq. 3) are the reduced 256-channel query fea
 ``concat(F_q[j], P_k)`` with a hidden width ``dis_hidden``; labels at feature resolution
 (support foreground for the cycle test, query labels for ``L_dis``) are the label pixels at
 the align_corners=True sampling positions ``round(i (H-1)/(h-1))``; ``L_dis`` is the mean
-BCE over every kept, non-ignored location of the batch (``dis_loss_set`` can widen it to all
-candidates); gradients of ``L_dis`` reach the discriminator and the feature layers; PIM's
+BCE over the kept, non-ignored locations of each episode (Eq. 10's ``1/K``), averaged over
+the episodes that have any (``dis_loss_set`` can widen it to all candidates); gradients of ``L_dis`` reach the discriminator and the feature layers; PIM's
 widths (``2C -> C`` conv, ``C -> pim_hidden -> C`` FCs), z-score eps 1e-5 and ``alpha``'s
 initial value (``pim_alpha_init``, 0: the residual starts as identity); MSF down-samples by
 adaptive average pooling to ``(h-1)//f + 1`` and up-samples bilinearly, each scale's 1x1
@@ -446,13 +446,19 @@ class DPNet(FSSModel):
 
     @staticmethod
     def discriminator_loss(logits: torch.Tensor, selected: torch.Tensor, query_masks: torch.Tensor) -> torch.Tensor:
-        """Mean BCE of the discriminator on the selected locations against the query label
-        at feature resolution (Eq. 10); ignore-labelled locations are left out; 0 if none."""
+        """BCE of the discriminator on the selected locations against the query label at
+        feature resolution (Eq. 10): ``1/K`` over the K selected locations of each episode
+        (and shot), then the mean over the episodes that have any (as the CE terms, a
+        per-sample loss averaged over the batch); ignore-labelled locations are left out;
+        0 if no episode has one."""
         labels = labels_at(query_masks, logits.shape[-2:])[:, None].expand_as(selected)
         valid = selected & (labels != IGNORE_INDEX)
         target = (labels == 1).float()
         terms = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
-        return (terms * valid).sum() / valid.sum().clamp(min=1)
+        counts = valid.flatten(2).sum(dim=2)  # B, K
+        per_episode = (terms * valid).flatten(2).sum(dim=2) / counts.clamp(min=1)
+        has = counts > 0
+        return (per_episode * has).sum() / has.sum().clamp(min=1)
 
     def fuse(self, enc: dict, beta: float, query_masks: torch.Tensor | None = None):
         """``MSF(F_q', P')``, ``MSF(F_q', P_q')`` and ``L_dis`` (K shots averaged first)."""
@@ -474,12 +480,13 @@ class DPNet(FSSModel):
         fused_prototype, fused_pseudo, dis_loss = self.fuse(enc, self.beta_train, query_masks)
         size = query_masks.shape[-2:]
         logits = resize_bilinear(self.decode(fused_prototype, fused_pseudo), size)
-        seg = cross_entropy_ignore(logits, query_masks)
+        seg = cross_entropy_ignore(logits, query_masks, fg_weight=self.fg_weight)
         total = seg
         zero = seg.new_zeros(())
         aux = zero
         if self.aux_decoder is not None:  # Eq. 11, auxiliary branch (training only)
-            aux = cross_entropy_ignore(resize_bilinear(self.aux_decoder(fused_prototype), size), query_masks)
+            aux = cross_entropy_ignore(resize_bilinear(self.aux_decoder(fused_prototype), size), query_masks,
+                                       fg_weight=self.fg_weight)
             total = total + self.lambda1 * aux
         dis = zero if dis_loss is None else dis_loss
         if dis_loss is not None and self.lambda2 > 0:

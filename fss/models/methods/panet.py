@@ -15,6 +15,8 @@ Follows the reference code (``kaixin96/PANet``, ``models/fewshot.py``):
   to the image size; L_seg = CE with ignore 255 (Eq. 5);
 * PAR (Section 3.5, Eq. 6-7), training only: see :meth:`PANet.alignment_loss`.
   L = L_seg + lambda_par * L_PAR.
+* ``bn_eval`` (default False): a backbone with BatchNorm (the synthetic benchmark's small
+  one; the paper's VGG16 has none) keeps its running statistics while it is fine-tuned.
 
 **Support mask values.** Foreground is ``mask == 1``. The reference's background mask is
 ``label != every episode class``, which includes the 255 pixels: support 255 pixels count
@@ -57,6 +59,10 @@ PANET_KNOBS = {
                   help="cosine-similarity scale of the logits (Eq. 3); default 20"),
     "ways": Knob(1, int, low=1, high=5, table="PANet Table 3",
                  help="classes per episode N (inputs [B,N,K,...], logits [B,N+1,H,W]); default 1"),
+    "bn_eval": Knob(False, bool,
+                    help="keep the backbone's BatchNorm layers in eval mode (running statistics, not "
+                         "updated) while fine-tuning; default False = train mode (the paper's VGG16 has "
+                         "no BatchNorm; the synthetic benchmark's small backbone has)"),
 }
 
 
@@ -123,14 +129,25 @@ class PANet(FSSModel):
         lambda_par: float,
         alpha: float,
         ways: int,
+        bn_eval: bool,
     ) -> None:
         super().__init__()
         self.shot = shot
+        self.bn_eval = bn_eval
         self.par = par
         self.lambda_par = lambda_par
         self.alpha = alpha
         self.ways = ways
         self.backbone = build_backbone(backbone, weights=backbone_weights)  # trained end to end
+        self.train(True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.bn_eval:  # BatchNorm keeps the pretrained running statistics
+            for module in self.backbone.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def set_train_progress(self, fraction: float) -> None:
         """Training-schedule hook (``iteration / total_iterations``); PANet has no schedule."""

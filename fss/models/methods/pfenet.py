@@ -317,8 +317,9 @@ class PFENet(FSSModel):
         """``main`` = CE of the upsampled logits; ``aux`` = mean over bins of the CE of the
         upsampled auxiliary logits (ignore 255)."""
         size = target.shape[-2:]
-        aux_terms = [cross_entropy_ignore(resize_bilinear(a, size), target) for a in aux]
-        return {"main": cross_entropy_ignore(logits, target), "aux": torch.stack(aux_terms).mean()}
+        w = self.fg_weight  # train.fg_weight (1 = the reference's plain CE)
+        aux_terms = [cross_entropy_ignore(resize_bilinear(a, size), target, fg_weight=w) for a in aux]
+        return {"main": cross_entropy_ignore(logits, target, fg_weight=w), "aux": torch.stack(aux_terms).mean()}
 
     def forward_train(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         query_images = batch["query_images"]

@@ -185,7 +185,7 @@ class SimPropNet(CANet):
             query_images = self.channel_average(query_images)
         query_feat, support_feats = self.encode_episode(support_images, support_masks, query_images)
         logits = _resize(self._predict(query_feat, support_feats, support_masks, True), query_masks.shape[-2:])
-        seg = F.cross_entropy(logits.float(), query_masks.long(), ignore_index=IGNORE_INDEX)
+        seg = self.segmentation_ce(logits, query_masks)
         losses = {"seg": seg}
         total = seg
         if self.dpr:

@@ -1,0 +1,98 @@
+"""``prototype``: the training-free floor of the benchmark (no learned parameter).
+
+Masked average pooling of the frozen backbone's support features into a foreground and a
+background prototype, cosine similarity of every query feature to both, logits
+``scale * [cos(q, bg), cos(q, fg)]`` (the scale only sharpens the softmax; the argmax is
+the nearer prototype). Features: the chosen backbone stages (default ``layer2`` +
+``layer3``, PFENet's mid-level feature), each resized bilinearly to the deepest chosen
+stage's size, concatenated. The support masks are resized bilinearly to the
+feature size; 255 (padding / ignore) counts as neither foreground nor background. K
+shots: the mean of the per-shot prototypes. ``fss train`` runs 0 iterations for it (no
+trainable parameter) and writes a run directory like any other method.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fss.errors import ConfigError
+from fss.models.backbones import build_backbone
+from fss.models.base import FSSModel, ModelOutput
+from fss.models.blocks import cross_entropy_ignore, masked_average_pool, resize_bilinear
+from fss.models.registry import Knob, register_method
+
+STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
+MAP_EPS = 5e-4
+
+PROTOTYPE_KNOBS = {
+    "layers": Knob(["layer2", "layer3"], list, "backbone stages whose features are concatenated "
+                   "(resized to the smallest of them); default layer2,layer3", choices=STAGES, item_kind=str),
+    "scale": Knob(10.0, float, "cosine scale of the logits (softmax sharpness; argmax unchanged); default 10",
+                  low=0.01, high=1000.0),
+}
+
+
+@register_method("prototype", base=None, knobs=PROTOTYPE_KNOBS,
+                 backbones=("small", "resnet50v2", "resnet101v2", "vgg16bn", "resnet50", "resnet101"))
+class Prototype(FSSModel):
+    """Training-free floor: cosine to masked-average fg/bg prototypes of frozen features."""
+
+    #: ``fss train`` runs 0 iterations (no optimiser) and writes the run directory
+    training_free = True
+
+    def __init__(self, backbone: str = "small", shot: int = 1, backbone_weights: str | None = None, *,
+                 layers: list, scale: float) -> None:
+        super().__init__()
+        self.shot = shot
+        self.layers = tuple(layers)
+        if not self.layers:
+            raise ConfigError("knob 'layers' of method 'prototype' is empty; name at least one backbone stage, e.g. [layer2, layer3].")
+        self.scale = scale
+        self.backbone = build_backbone(backbone, weights=backbone_weights)
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.last = max(STAGES.index(name) for name in self.layers)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen, always in eval mode
+        return self
+
+    def set_train_progress(self, fraction: float) -> None:
+        """Training-schedule hook; nothing to schedule."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Concatenated features of the chosen stages at the deepest chosen stage's size."""
+
+        def stages(rows):
+            x, outs = images[rows], []
+            for name in STAGES[: self.last + 1]:
+                x = getattr(self.backbone, name)(x)
+                if name in self.layers:
+                    outs.append(x)
+            return tuple(outs)
+
+        with torch.no_grad():
+            feats = self.frozen_features("prototype.encode", stages, images)
+        size = feats[-1].shape[-2:]
+        return torch.cat([resize_bilinear(f, size) for f in feats], dim=1)
+
+    def forward_infer(self, support_images, support_masks, query_images) -> torch.Tensor:
+        batch, shots = support_masks.shape[:2]
+        feats = self.encode(torch.cat([support_images.flatten(0, 1), query_images], dim=0))
+        support, query = feats[: batch * shots], feats[batch * shots:]
+        masks = support_masks.flatten(0, 1).unsqueeze(1)
+        fg = resize_bilinear((masks == 1).to(support.dtype), support.shape[-2:])
+        bg = resize_bilinear((masks == 0).to(support.dtype), support.shape[-2:])
+        fg_proto = masked_average_pool(support, fg, MAP_EPS).unflatten(0, (batch, shots)).mean(dim=1)
+        bg_proto = masked_average_pool(support, bg, MAP_EPS).unflatten(0, (batch, shots)).mean(dim=1)
+        protos = torch.stack([bg_proto, fg_proto], dim=1)  # [B, 2, C]
+        logits = F.cosine_similarity(query.unsqueeze(1), protos[..., None, None], dim=2) * self.scale
+        return resize_bilinear(logits, query_images.shape[-2:])
+
+    def forward_train(self, batch) -> ModelOutput:
+        logits = self.forward_infer(batch["support_images"], batch["support_masks"], batch["query_images"])
+        loss = cross_entropy_ignore(logits, batch["query_masks"])
+        return ModelOutput(logits=logits, losses={"main": loss, "loss": loss})
