@@ -136,14 +136,14 @@ def test_killed_and_resumed_under_torchrun_matches_uninterrupted(ddp_run, synthe
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(unbanded_data, tmp_path):
-    """PANet (no training-time randomness; its small backbone's BatchNorm trains): 2 ranks x 2
+    """PANet (no training-time randomness; bn_eval off so its small backbone's BatchNorm trains): 2 ranks x 2
     episodes give the 1-process batch-4 weights, BatchNorm statistics and losses up to float
     reduction order (every pixel valid, so the mean of the rank losses is the batch loss)."""
     from pipeline.config import resolve_run_config
     from pipeline.train import build_model, seed_everything, train_run
 
     iterations = 6
-    sets = {"optim.lr": 0.01}
+    sets = {"optim.lr": 0.01, "knobs.bn_eval": "false"}  # the synthetic preset keeps BN statistics
     one = tmp_path / "one"
     config = resolve_run_config(method="panet", dataset="synthetic", fold=0, shot=1, iterations=iterations,
                                 device="cpu", set_values=train_sets(unbanded_data, **sets))
