@@ -98,7 +98,7 @@ def load_params(path: str | os.PathLike | None = None) -> tuple[dict, Path | Non
         raise ConfigError(f"params file {p} does not exist; pass --params FILE or run from the repository root.")
     try:
         data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"params file {p} is not valid YAML{where}; fix the file.") from None

@@ -76,7 +76,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise ConfigError(f"{what} {p} does not exist.")
     try:
         return json.loads(p.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ConfigError(f"{what} {p} is not valid JSON; re-create it.") from None
 
 
@@ -110,7 +110,7 @@ class RunDir:
             )
         try:
             data = yaml.safe_load(self.config_file.read_text())
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError):
             raise ConfigError(f"{self.config_file} is not valid YAML; the run directory is damaged.") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{self.config_file} does not hold a configuration mapping.")

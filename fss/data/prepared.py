@@ -228,7 +228,7 @@ def read_meta(root: str | os.PathLike) -> dict:
         )
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{path} is not valid JSON; run 'fss prepare' again.") from None
     if meta.get("format") != FORMAT_VERSION:
         raise DataError(

@@ -315,7 +315,7 @@ def _read_raw(path: Path) -> dict:
         raise ConfigError(f"study file {path} does not exist; pass one of the files in sweeps/.")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise _err(path, f"not valid YAML{where}; fix the file.") from None
