@@ -173,10 +173,22 @@ class CsvLog:
         self.columns: list[str] = []
         self.rows: list[dict[str, Any]] = []
         if self.path.is_file():
-            with open(self.path, newline="") as fh:
-                reader = csv.DictReader(fh)
-                self.columns = list(reader.fieldnames or [])
-                self.rows = [dict(r) for r in reader]
+            self._load()
+
+    def _load(self) -> None:
+        """Read the existing log; a damaged one (not UTF-8, NUL bytes, no ``iteration``
+        column) is refused in one line rather than appended to."""
+        try:
+            text = self.path.read_text()
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            columns = list(reader.fieldnames or [])
+            rows = [dict(r) for r in reader]
+        except (UnicodeDecodeError, csv.Error):
+            columns, rows, text = [], [], "\0"
+        if "\0" in text or (columns and "iteration" not in columns):
+            raise ConfigError(f"{self.path} is damaged (not a CSV log with an 'iteration' column); "
+                              "move it away to start the log afresh from the checkpoint's iteration.")
+        self.columns, self.rows = columns, rows
 
     def truncate_after(self, iteration: int) -> None:
         """Keep rows with ``iteration <= iteration`` (drop what a killed run wrote later)."""
@@ -199,7 +211,7 @@ class CsvLog:
             self._rewrite()
             return
         with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=self.columns, restval="").writerow(row)
+            csv.DictWriter(fh, fieldnames=self.columns, restval="", lineterminator="\n").writerow(row)
             fh.flush()
 
     def _order(self, cols: list[str]) -> list[str]:
@@ -207,6 +219,8 @@ class CsvLog:
         return first + [c for c in cols if c not in first]
 
     def _rewrite(self) -> None:
+        if not self.columns:  # nothing logged yet: the header of the known first columns
+            self.columns = list(self.first_columns)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns, restval="", lineterminator="\n")
         writer.writeheader()

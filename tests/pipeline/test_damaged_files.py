@@ -38,3 +38,28 @@ def test_a_non_utf8_file_is_one_line_naming_it(case, tmp_path):
         call(path)
     message = str(info.value)
     assert str(path) in message and "\n" not in message
+
+
+def test_csv_log_one_line_ending_and_a_header_when_empty(tmp_path):
+    from pipeline.runs import CsvLog
+
+    log = CsvLog(tmp_path / "val.csv", ("iteration", "epoch"))
+    log.truncate_after(0)  # a resumed run whose validation has not run yet
+    assert (tmp_path / "val.csv").read_bytes() == b"iteration,epoch\n"
+    log.append({"iteration": 1, "epoch": 0.5, "miou": 0.25})  # new column: rewritten
+    log.append({"iteration": 2, "epoch": 1.0, "miou": 0.5})  # appended
+    data = (tmp_path / "val.csv").read_bytes()
+    assert b"\r" not in data and data.count(b"\n") == 3
+    assert [r["miou"] for r in CsvLog(tmp_path / "val.csv").rows] == ["0.25", "0.5"]
+
+
+@pytest.mark.parametrize("content", [b"\0" * 64, NOT_UTF8, b"loss,lr\n0.1,0.2\n"])
+def test_a_damaged_csv_log_is_refused_not_appended_to(content, tmp_path):
+    from pipeline.runs import CsvLog
+
+    path = tmp_path / "curves.csv"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        CsvLog(path, ("iteration", "epoch", "lr"))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert path.read_bytes() == content
