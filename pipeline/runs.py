@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
-from fss.atomic import atomic_write_text  # noqa: F401  (re-exported: pipeline code imports it from here)
+from fss.atomic import atomic_write_text, remove_stale_temporaries  # noqa: F401  (re-exported: pipeline code imports it from here)
 from fss.errors import CheckpointError, ConfigError
 
 from pipeline.config import RunConfig, config_differences, config_from_dict
@@ -142,6 +142,7 @@ class RunDir:
                     f"run directory {self.path} was trained with {key}={old!r}, this command asks "
                     f"{new!r}{more}; choose a new --out directory instead of mixing runs."
                 )
+            remove_stale_temporaries(self.path)  # what a killed checkpoint write left
             return True
         if self.path.is_dir() and any(p.name != ".gitignore" for p in self.path.iterdir()):
             raise ConfigError(

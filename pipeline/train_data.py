@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
 import signal
+import sys
 
 import torch
 
@@ -64,6 +68,19 @@ def worker_ignores_stop_signals(_worker_id: int) -> None:
     when the loop returns."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """A worker that ignores SIGTERM must not outlive a training process killed with SIGKILL
+    (it would stay blocked on its pipe for good): Linux sends it SIGKILL when the parent dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl
+        os._exit(1)
 
 
 def to_device(batch: dict, device) -> dict:

@@ -63,3 +63,18 @@ def test_a_damaged_csv_log_is_refused_not_appended_to(content, tmp_path):
         CsvLog(path, ("iteration", "epoch", "lr"))
     assert str(path) in str(info.value) and "\n" not in str(info.value)
     assert path.read_bytes() == content
+
+
+def test_a_rerun_removes_what_a_killed_checkpoint_write_left(tmp_path):
+    import subprocess
+
+    from pipeline.config import resolve_run_config
+
+    config = resolve_run_config(method="pfenet", dataset="synthetic", fold=0, shot=1, iterations=2, device="cpu")
+    run = RunDir(tmp_path / "run")
+    assert run.prepare(config) is False
+    dead = subprocess.Popen(["true"])  # a pid that is gone
+    dead.wait()
+    stale = tmp_path / "run" / f".checkpoint.pt.{dead.pid}.abc123xy.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert run.prepare(config) is True and not stale.exists()
