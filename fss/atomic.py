@@ -9,10 +9,13 @@ leaves no partial target (the temporary file is removed on exceptions).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from fss.errors import StorageError
 
 
 @contextlib.contextmanager
@@ -33,10 +36,24 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = _disk_full(exc)
+        if full is not None:
+            raise StorageError(f"no space left to write {target} ({full.strerror}); its previous version, if any, "
+                               "is kept: free space or write elsewhere, then rerun.") from None
         raise
+
+
+def _disk_full(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``exc``, also where a writer raised another exception
+    while handling it (torch.save's zip writer raises RuntimeError "enforce fail" then)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:

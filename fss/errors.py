@@ -20,3 +20,7 @@ class DataError(FSSError):
 
 class CheckpointError(FSSError):
     """A missing, corrupt, truncated or wrong-format checkpoint or weight file."""
+
+
+class StorageError(FSSError):
+    """A write that failed for lack of space (the file's previous version is kept)."""

@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from fss.atomic import atomic_write_text, remove_stale_temporaries  # noqa: F401  (re-exported: pipeline code imports it from here)
-from fss.errors import CheckpointError, ConfigError
+from fss.errors import CheckpointError, ConfigError, StorageError
 
 from pipeline.config import RunConfig, config_differences, config_from_dict
 
@@ -211,9 +211,13 @@ class CsvLog:
             self.columns = self._order(self.columns + new_cols)
             self._rewrite()
             return
-        with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=self.columns, restval="", lineterminator="\n").writerow(row)
-            fh.flush()
+        try:
+            with open(self.path, "a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=self.columns, restval="", lineterminator="\n").writerow(row)
+                fh.flush()
+        except OSError as exc:
+            raise StorageError(f"could not append to {self.path} ({exc.strerror}); free space, then rerun "
+                               "to resume from the last checkpoint.") from None
 
     def _order(self, cols: list[str]) -> list[str]:
         first = [c for c in self.first_columns if c in cols]

@@ -55,8 +55,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` to ``path`` through a temporary file and a rename (never half-written)."""
     from fss.atomic import atomic_path
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)  # through a file object, a full disk is an OSError (ENOSPC), not torch's "enforce fail"
 
 
 def save_model_file(path, model: torch.nn.Module, *, method: str, backbone: str, shot: int,
