@@ -51,6 +51,24 @@ def test_a_failing_wandb_never_stops_the_run(monkeypatch):
     t.finish()
 
 
+@pytest.mark.slow
+def test_an_unreachable_wandb_server_turns_tracking_off_within_seconds(monkeypatch, tmp_path):
+    """Credentials present (so online mode), server unreachable: the real wandb.init gives up
+    after init_timeout and the run goes on untracked (issue 17: never a hung run)."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    warnings = []
+    start = time.monotonic()
+    t = Tracker(enabled=True, project="p", group="g", job_type="train", name="n", init_timeout=5,
+                warn=warnings.append)
+    assert time.monotonic() - start < 90
+    assert not t.active and len(warnings) == 1 and warnings[0].startswith("warning: W&B init failed")
+    t.log({"a": 1})
+    t.finish()
+
+
 def _wait_for_records(path, keys, timeout=30.0):
     """The .wandb log holds protobuf records (keys as plain strings); the W&B service may
     still be flushing it when finish() returns, so poll for a while."""
