@@ -52,21 +52,25 @@ def test_a_failing_wandb_never_stops_the_run(monkeypatch):
 
 
 @pytest.mark.slow
-def test_an_unreachable_wandb_server_turns_tracking_off_within_seconds(monkeypatch, tmp_path):
+def test_an_unreachable_wandb_server_turns_tracking_off_within_seconds(tmp_path, subprocess_env):
     """Credentials present (so online mode), server unreachable: the real wandb.init gives up
-    after init_timeout and the run goes on untracked (issue 17: never a hung run)."""
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: nothing listens
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    warnings = []
+    after init_timeout and the run goes on untracked (issue 17: never a hung run). In a
+    subprocess: wandb keeps its settings per process, which would leak into later tests."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(subprocess_env, WANDB_API_KEY="0" * 40, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_DIR=str(tmp_path))
+    env.pop("WANDB_MODE", None)
+    code = ("import json; from pipeline.tracking import Tracker\n"
+            "w = []\n"
+            "t = Tracker(enabled=True, project='p', group='g', job_type='train', name='n', init_timeout=5, warn=w.append)\n"
+            "t.log({'a': 1}); t.finish(); print(json.dumps([t.active, w]))")
     start = time.monotonic()
-    t = Tracker(enabled=True, project="p", group="g", job_type="train", name="n", init_timeout=5,
-                warn=warnings.append)
-    assert time.monotonic() - start < 90
-    assert not t.active and len(warnings) == 1 and warnings[0].startswith("warning: W&B init failed")
-    t.log({"a": 1})
-    t.finish()
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and time.monotonic() - start < 90, done.stderr[-2000:]
+    active, warnings = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not active and len(warnings) == 1 and warnings[0].startswith("warning: W&B init failed")
 
 
 def _wait_for_records(path, keys, timeout=30.0):
