@@ -39,14 +39,14 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        full = _disk_full(exc)
+        full = disk_full(exc)
         if full is not None:
             raise StorageError(f"no space left to write {target} ({full.strerror}); its previous version, if any, "
                                "is kept: free space or write elsewhere, then rerun.") from None
         raise
 
 
-def _disk_full(exc: BaseException | None) -> OSError | None:
+def disk_full(exc: BaseException | None) -> OSError | None:
     """The ENOSPC/EDQUOT error behind ``exc``, also where a writer raised another exception
     while handling it (torch.save's zip writer raises RuntimeError "enforce fail" then)."""
     while exc is not None:

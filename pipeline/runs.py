@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
-from fss.atomic import atomic_write_text, remove_stale_temporaries  # noqa: F401  (re-exported: pipeline code imports it from here)
+from fss.atomic import atomic_write_text, disk_full, remove_stale_temporaries  # noqa: F401  (re-exported: pipeline code imports it from here)
 from fss.errors import CheckpointError, ConfigError, StorageError
 
 from pipeline.config import RunConfig, config_differences, config_from_dict
@@ -179,17 +179,17 @@ class CsvLog:
     def _load(self) -> None:
         """Read the existing log; a damaged one (not UTF-8, NUL bytes, no ``iteration``
         column) is refused in one line rather than appended to."""
+        key = self.first_columns[0]
         try:
             text = self.path.read_text()
             reader = csv.DictReader(io.StringIO(text, newline=""))
-            columns = list(reader.fieldnames or [])
-            rows = [dict(r) for r in reader]
+            self.columns, self.rows = list(reader.fieldnames or []), [dict(r) for r in reader]
+            damaged = "\0" in text or bool(self.columns and key not in self.columns)
         except (UnicodeDecodeError, csv.Error):
-            columns, rows, text = [], [], "\0"
-        if "\0" in text or (columns and "iteration" not in columns):
-            raise ConfigError(f"{self.path} is damaged (not a CSV log with an 'iteration' column); "
+            damaged = True
+        if damaged:
+            raise ConfigError(f"{self.path} is damaged (not a CSV log with an '{key}' column); "
                               "move it away to start the log afresh from the checkpoint's iteration.")
-        self.columns, self.rows = columns, rows
 
     def truncate_after(self, iteration: int) -> None:
         """Keep rows with ``iteration <= iteration`` (drop what a killed run wrote later)."""
@@ -216,8 +216,10 @@ class CsvLog:
                 csv.DictWriter(fh, fieldnames=self.columns, restval="", lineterminator="\n").writerow(row)
                 fh.flush()
         except OSError as exc:
-            raise StorageError(f"could not append to {self.path} ({exc.strerror}); free space, then rerun "
-                               "to resume from the last checkpoint.") from None
+            if disk_full(exc) is None:
+                raise
+            raise StorageError(f"no space left to append to {self.path} ({exc.strerror}); free space, then "
+                               "rerun to resume from the last checkpoint.") from None
 
     def _order(self, cols: list[str]) -> list[str]:
         first = [c for c in self.first_columns if c in cols]

@@ -42,7 +42,7 @@ from fss.layout import channels_last_batch
 from fss.schedule import poly_lr
 
 from pipeline.config import RunConfig, bf16_cpu_warning, resolve_run_config
-from pipeline.train_data import build_training_episodes, epoch_loader, open_split, to_device
+from pipeline.train_data import EpochBatches, build_training_episodes, open_split
 
 TrackFn = Callable[..., Any]
 
@@ -415,43 +415,35 @@ def train_run(
     if track is not None and len(steps):
         steps = track(steps, f"train {config.method} fold {config.fold}", len(steps))
     t.model.train()
-    stop_reason, batches = None, None
-    try:
-        with _StopFlag() as stop:
-            for it in steps:
-                # a new loader per epoch, and mid-epoch on resume: the episodes depend on (seed, epoch, index) only
-                epoch, batch_index = divmod(it, t.per_epoch)
-                if batches is None or batch_index == 0:
-                    batches = iter(epoch_loader(t.dataset, epoch, batch_index, config.train.batch_size,
-                                                config.data.num_workers, pin=t.device.type == "cuda",
-                                                rank=t.ctx.rank, world_size=t.ctx.world_size))
-                batch = to_device(next(batches), t.device)
-                if config.train.channels_last:
-                    batch = channels_last_batch(batch)
+    stop_reason = None
+    batches = EpochBatches(t.dataset, t.per_epoch, config.train.batch_size, config.data.num_workers,
+                           pin=t.device.type == "cuda", device=t.device, rank=t.ctx.rank, world_size=t.ctx.world_size)
+    with _StopFlag() as stop, batches:
+        for it in steps:
+            epoch, batch = batches.at(it)
+            if config.train.channels_last:
+                batch = channels_last_batch(batch)
 
-                lr = learning_rate(config, it, t.total)
-                losses, stopping = train_step(t, it, batch, lr, stop.signal is not None)
-                state.iteration = done = it + 1
-                log_losses(t, state, epoch, lr, losses)
+            lr = learning_rate(config, it, t.total)
+            losses, stopping = train_step(t, it, batch, lr, stop.signal is not None)
+            state.iteration = done = it + 1
+            log_losses(t, state, epoch, lr, losses)
 
-                # validation (rank 0 validates, the other ranks wait for it)
-                if t.val_data is not None and ((val_every and done % val_every == 0) or done == t.total):
-                    if t.ctx.is_main:
-                        validate(t, state, epoch, on_validation)
-                    D.barrier(t.ctx)
+            # validation (rank 0 validates, the other ranks wait for it)
+            if t.val_data is not None and ((val_every and done % val_every == 0) or done == t.total):
+                if t.ctx.is_main:
+                    validate(t, state, epoch, on_validation)
+                D.barrier(t.ctx)
 
-                # checkpoint, then stop if asked: a rerun resumes exactly here
-                if checkpoint_due(t, state, stop_after, stopping) and t.ctx.is_main:
-                    save_checkpoint(t, state)
-                if stop_after is not None and stop_after <= done < t.total:
-                    stop_reason = f"stopped after iteration {done} (--stop-after)"
-                elif stopping and done < t.total:
-                    stop_reason = f"interrupted by signal {stop.signal} at iteration {done}; checkpoint saved"
-                if stop_reason is not None:
-                    break
-    finally:
-        # stop the workers now: a traceback keeps this frame alive, and they'd block the exit
-        batches = None
+            # checkpoint, then stop if asked: a rerun resumes exactly here
+            if checkpoint_due(t, state, stop_after, stopping) and t.ctx.is_main:
+                save_checkpoint(t, state)
+            if stop_after is not None and stop_after <= done < t.total:
+                stop_reason = f"stopped after iteration {done} (--stop-after)"
+            elif stopping and done < t.total:
+                stop_reason = f"interrupted by signal {stop.signal} at iteration {done}; checkpoint saved"
+            if stop_reason is not None:
+                break
     if stop_reason is not None:
         t.run.log(stop_reason)
         t.tracker.finish(exit_code=1)

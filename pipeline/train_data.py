@@ -61,6 +61,32 @@ def epoch_loader(dataset, epoch: int, first_batch: int, batch_size: int, num_wor
     )
 
 
+class EpochBatches:
+    """A run's training batches by iteration: a new loader per epoch, and mid-epoch on resume
+    (the episodes depend on (seed, epoch, index) only). Leaving the ``with`` block drops the
+    loader, also on an exception: a traceback keeps the caller's frame alive until exit, and
+    workers that ignore SIGTERM would then block the interpreter's exit."""
+
+    def __init__(self, dataset, per_epoch: int, batch_size: int, num_workers: int, pin: bool, device,
+                 rank: int = 0, world_size: int = 1):
+        self.dataset, self.per_epoch, self.device = dataset, per_epoch, device
+        self.options = dict(batch_size=batch_size, num_workers=num_workers, pin=pin, rank=rank, world_size=world_size)
+        self.batches = None
+
+    def __enter__(self) -> "EpochBatches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.batches = None
+
+    def at(self, it: int) -> tuple[int, dict]:
+        """(epoch, batch on the device) of iteration ``it``; iterations come in order."""
+        epoch, index = divmod(it, self.per_epoch)
+        if self.batches is None or index == 0:
+            self.batches = iter(epoch_loader(self.dataset, epoch, index, **self.options))
+        return epoch, to_device(next(self.batches), self.device)
+
+
 def worker_ignores_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave SIGINT/SIGTERM to the training process: a Ctrl-C or a kill
     of the process group (torchrun, a scheduler) then ends with the checkpoint the training
