@@ -4,6 +4,10 @@ Everything the project writes (prepared datasets, checkpoints, metrics, tables) 
 :func:`atomic_path`: the content is written to a temporary file in the target's directory,
 flushed to disk, then renamed over the target; an exception or a kill before the rename
 leaves no partial target (the temporary file is removed on exceptions).
+
+Temporary files are created with mode ``0o666`` less the process umask (the mode ``open``
+gives a new file: 0644 under umask 022), not ``tempfile.mkstemp``'s 0600, so that a renamed
+output is as readable by others as any file the user writes.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +32,7 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     # the writer's pid in the name lets a later run remove what a killed writer left
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = create_temporary(target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -44,6 +48,22 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
             raise StorageError(f"no space left to write {target} ({full.strerror}); its previous version, if any, "
                                "is kept: free space or write elsewhere, then rerun.") from None
         raise
+
+
+def create_temporary(directory: str | os.PathLike, prefix: str, suffix: str) -> tuple[int, Path]:
+    """A new empty file ``directory/PREFIX<random>SUFFIX`` opened for writing: ``(fd, path)``.
+
+    Like ``tempfile.mkstemp`` (exclusive creation, so never another process's file), but
+    with the mode a plain ``open`` gives: ``0o666`` less the umask (and any default ACL),
+    applied by the kernel at creation."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = Path(directory) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name {prefix}*{suffix} in {directory}")
 
 
 def disk_full(exc: BaseException | None) -> OSError | None:

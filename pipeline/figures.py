@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from fss.atomic import create_temporary
 
 #: overlay colours (RGB 0..1): foreground, ignore
 FOREGROUND = np.array([1.0, 0.15, 0.15])
@@ -36,7 +37,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
 def _save(fig, path: str | os.PathLike, dpi: int = 110) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    fd, tmp = create_temporary(path.parent, prefix=f".{path.name}.", suffix=".png")  # umask mode, as open()
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")

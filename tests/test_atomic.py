@@ -35,3 +35,37 @@ def test_a_killed_writers_temporary_is_removed_and_a_live_ones_kept(tmp_path):
         assert remove_stale_temporaries(tmp_path) == [left]
         assert live.is_file()
     assert not left.exists() and (tmp_path / "other.pt").read_bytes() == b"y"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_of_the_umask(tmp_path, umask):
+    """Every atomic writer (text, JSON, checkpoints, figures, feature cache) leaves 0666 & ~umask:
+    0644 under umask 022, so teammates can read results; 0600 under 077 (issue 15)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from fss.models.checkpoints import atomic_torch_save
+    from fss.models.feature_cache import FeatureCache
+    from pipeline.figures import _save
+    from pipeline.runs import write_json
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        write_json(tmp_path / "metrics.json", {"miou": 0.5})
+        atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "checkpoint.pt")
+        fig = plt.figure()
+        _save(fig, tmp_path / "plot.png")
+        plt.close(fig)
+        cache = FeatureCache(max_bytes=1 << 20, directory=tmp_path / "cache")
+        cache._write_disk("ab" * 32, (torch.ones(3),))
+        written = [tmp_path / n for n in ("a.txt", "metrics.json", "checkpoint.pt", "plot.png")]
+        written.append(cache.disk_path("ab" * 32))
+    finally:
+        os.umask(old)
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".*.png"))

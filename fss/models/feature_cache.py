@@ -38,7 +38,6 @@ import contextlib
 import hashlib
 import io
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+from fss.atomic import create_temporary
 
 #: bump when the key recipe or the on-disk layout changes (old entries then never match)
 CACHE_FORMAT = "fss-feature-cache-1"
@@ -198,7 +199,7 @@ class FeatureCache:
         payload = buffer.getvalue()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = create_temporary(path.parent, prefix=f".{key[:16]}.", suffix=".tmp")  # umask mode
         except OSError:  # unwritable or full: keep evaluating from memory
             self.stats.disk_errors += 1
             return
