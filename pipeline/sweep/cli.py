@@ -23,8 +23,9 @@ Resume and several workers:
   serialises) and its point is queued again, inheriting its run directory so training
   resumes from the checkpoint;
 * a grid is queued once when the study is created (the creator is unique); points that
-  are missing later (failed trials) are queued again under a lock study whose name is
-  derived from the failures, so two workers never queue the same point twice; a WAITING
+  are missing later (failed trials) are queued again under a one-time mark derived from the
+  failures (stored beside the studies, see :mod:`pipeline.sweep.storage`), so two workers
+  never queue the same point twice; a WAITING
   trial is claimed with a compare-and-set of its state, so no two workers run it;
 * the study file's fingerprint is a study attribute: a changed file under the same study
   name is refused.
@@ -47,7 +48,7 @@ import yaml
 from fss.errors import ConfigError
 from pipeline.console import console
 from pipeline.runs import atomic_write_text
-from pipeline.sweep.queueing import LOCK_MARK, STUDY_INFO, Say, counts, open_study
+from pipeline.sweep.queueing import LEGACY_LOCK, STUDY_INFO, Say, counts, open_study
 from pipeline.sweep.report import write_report
 from pipeline.sweep.run import TrialStopped, _trial_tracker, run_point, work
 from pipeline.sweep.storage import (
@@ -174,7 +175,7 @@ def _open_for_report(name: str, storage: Optional[str]):
     try:
         study = optuna.load_study(study_name=name, storage=store)
     except KeyError:
-        names = [s for s in optuna.get_all_study_names(store) if LOCK_MARK not in s]
+        names = [s for s in optuna.get_all_study_names(store) if LEGACY_LOCK not in s]
         raise ConfigError(f"storage {url} has no study '{name}'; its studies: {', '.join(names) or '(none)'}.") from None
     info = study.user_attrs.get(STUDY_INFO)
     if not info:

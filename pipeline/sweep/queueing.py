@@ -1,11 +1,10 @@
 """A study in its storage: samplers and pruners, creating or joining a study (fingerprint check,
 the grid queued once), worker liveness and heartbeats, dead trials recovered, missing grid
-points queued again under a lock, WAITING trials claimed by compare-and-set (see
+points queued again under a one-time mark, WAITING trials claimed by compare-and-set (see
 :mod:`pipeline.sweep.cli` for how workers use them)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -19,12 +18,13 @@ import optuna
 from optuna.trial import TrialState
 
 from fss.errors import ConfigError
+from pipeline.sweep.storage import take_mark
 from pipeline.sweep.study import StudySpec, first_difference, point_key
 
 GRID_READY = "fss_grid_enqueued"
 FINGERPRINT = "fss_fingerprint"
 STUDY_INFO = "fss_study"
-LOCK_MARK = ".requeue-"
+LEGACY_LOCK = ".requeue-"  # helper studies of storages written before the marks (hidden from listings)
 
 Say = Callable[[str], None]
 
@@ -136,16 +136,9 @@ def open_study(spec: StudySpec, storage, storage_url: str, name: str | None = No
 
 
 def _lock(study, storage, name: str, reason: str) -> bool:
-    """Take the one-time lock ``reason`` of study ``name`` (True for exactly one caller).
-
-    A lock is an empty study named ``NAME.requeue-HASH``: creating a study name is atomic in
-    every Optuna storage, so of several workers asking at once exactly one gets it."""
-    lock = f"{name}{LOCK_MARK}{hashlib.sha256(reason.encode()).hexdigest()[:16]}"
-    try:
-        optuna.create_study(study_name=lock, storage=storage, load_if_exists=False)
-        return True
-    except optuna.exceptions.DuplicatedStudyError:
-        return False
+    """Take the one-time mark ``reason`` of study ``name`` (True for exactly one caller of
+    several workers asking at once; see :func:`pipeline.sweep.storage.take_mark`)."""
+    return take_mark(storage, name, reason)
 
 
 # ---------------------------------------------------------------- worker liveness

@@ -3,12 +3,14 @@
 Files written to ``--out``::
 
     table.csv / table.md / table.tex   rows = parameter values, columns = folds + mean (mIoU %),
-                                       the best row marked (bold in md/tex, ``best`` in CSV)
+                                       the best row marked (bold in md/tex, ``best`` in CSV);
+                                       sampled values to 4 significant digits
     pivot.csv / pivot.md / pivot.tex   two-parameter grids only: mean mIoU, rows x columns
     importance.png / importance.html   parameter importance (share of the objective's variance
                                        explained by each parameter: between-group sum of squares
                                        over the total, continuous values in quartile bins)
     slice.png / slice.html             objective against each parameter, one dot per trial
+                                       (log x axis for parameters sampled with ``log: true``)
     trials.csv                         study.trials_dataframe() (pandas-readable)
     summary.json                       counts, best value and parameters
 """
@@ -58,7 +60,8 @@ def table_rows(study, info: Mapping[str, Any]) -> tuple[list[str], list[dict]]:
     rows = []
     for point in points:
         trials = done.get(point_key(point), [])
-        row: dict[str, Any] = {n.split(".")[-1] if len(names) == 1 else n: _label(point[n]) for n in names}
+        shown = _short if info["mode"] == "tune" else _label  # sampled values: 4 significant digits
+        row: dict[str, Any] = {n.split(".")[-1] if len(names) == 1 else n: shown(point[n]) for n in names}
         if info["mode"] == "tune" and trials:
             row = {"trial": trials[0].number, **row}
         for s in shots:
@@ -81,6 +84,13 @@ def table_rows(study, info: Mapping[str, Any]) -> tuple[list[str], list[dict]]:
         r["best"] = best is not None and m == best
     columns = list(rows[0]) if rows else [*names, *score_cols, "best"]
     return columns, rows
+
+
+def _short(value: Any) -> str:
+    """A sampled parameter value as a table label: floats to 4 significant digits (0.5488, 0.001234)."""
+    if isinstance(value, float):
+        return format(value, ".4g")
+    return _label(value)
 
 
 def _fmt(v: Any) -> str:
@@ -224,13 +234,17 @@ def plot_files(study, info: Mapping[str, Any], out: Path) -> list[Path]:
     points = _slice_points(study, info)
     fig, axes = plt.subplots(1, len(points), figsize=(4 * len(points), 3.5), squeeze=False)
     pfig = make_subplots(rows=1, cols=len(points), subplot_titles=[n.split(".")[-1] for n in points])
+    log_scaled = {p["name"] for p in info["params"] if p.get("log")}
     for i, (name, (xs, ys)) in enumerate(points.items()):
         categorical = any(isinstance(x, (str, bool)) for x in xs)
         shown = [_label(x) for x in xs] if categorical else xs
         axes[0][i].scatter(shown, ys, color="#dd8452")
-        axes[0][i].set_xlabel(name.split(".")[-1])
+        axes[0][i].set_xlabel(name.split(".")[-1] + (" (log scale)" if name in log_scaled else ""))
         axes[0][i].set_ylabel("validation mIoU (%)" if i == 0 else "")
         pfig.add_trace(go.Scatter(x=shown, y=ys, mode="markers", name=name), row=1, col=i + 1)
+        if name in log_scaled:  # sampled on a log scale: drawn on one
+            axes[0][i].set_xscale("log")
+            pfig.update_xaxes(type="log", row=1, col=i + 1)
     fig.suptitle(f"{info['name']}: objective per parameter")
     fig.tight_layout()
     fig.savefig(out / "slice.png", dpi=120)

@@ -6,12 +6,19 @@ PostgreSQL / MySQL server (workers on several machines).
 SQLite, ``*.log``/``*.journal`` -> journal file). Without it the study's output directory
 holds ``study.db`` (one worker) or ``journal.log`` (``--workers N > 1``); an existing one
 is reused so that a rerun continues the same study.
+
+One-time marks (:func:`take_mark`: "this worker, and no other, queues these grid points
+again") live beside the studies, never as studies: a table ``fss_sweep_marks`` in a
+database storage, files in ``JOURNAL.marks/`` beside a journal file. Optuna, ``optuna
+studies`` and optuna-dashboard see only the real studies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import weakref
 from pathlib import Path
 
 import optuna
@@ -89,6 +96,57 @@ def default_storage(output: Path, workers: int) -> str:
     return f"sqlite:///{db.resolve()}"
 
 
+MARKS_TABLE = "fss_sweep_marks"
+_MARK_DIRS: "weakref.WeakKeyDictionary[object, Path]" = weakref.WeakKeyDictionary()  # journal storage -> marks dir
+
+
+def marks_dir(journal: Path) -> Path:
+    """The folder of a journal storage's one-time marks."""
+    return journal.with_name(journal.name + ".marks")
+
+
+def take_mark(storage, study_name: str, mark: str) -> bool:
+    """Record the one-time mark ``mark`` of study ``study_name``: True for exactly one caller,
+    however many processes or machines ask at once (a unique row insert in a database, an
+    exclusive file creation beside a journal)."""
+    digest = hashlib.sha256(f"{study_name}\0{mark}".encode()).hexdigest()[:32]
+    if isinstance(storage, optuna.storages.RDBStorage):
+        return _insert_mark(storage.engine, study_name, digest)
+    directory = _MARK_DIRS.get(storage)
+    if directory is None:
+        raise TypeError(f"{type(storage).__name__} was not opened by open_storage; one-time marks need its location")
+    directory.mkdir(exist_ok=True)
+    try:
+        os.close(os.open(directory / digest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _marks_table():
+    import sqlalchemy as sa
+
+    return sa.Table(MARKS_TABLE, sa.MetaData(), sa.Column("study_name", sa.String(512), nullable=False),
+                    sa.Column("mark", sa.String(32), primary_key=True))
+
+
+def _insert_mark(engine, study_name: str, digest: str) -> bool:
+    import sqlalchemy as sa
+
+    table = _marks_table()
+    try:
+        table.create(engine, checkfirst=True)
+    except sa.exc.SQLAlchemyError:  # another worker created it between the check and the CREATE
+        if not sa.inspect(engine).has_table(MARKS_TABLE):
+            raise
+    try:
+        with engine.begin() as conn:
+            conn.execute(table.insert().values(study_name=study_name[:512], mark=digest))
+    except sa.exc.IntegrityError:
+        return False
+    return True
+
+
 def _create_sqlite_schema(path: Path, connect_args: dict) -> None:
     """Create a new SQLite storage whole or not at all.
 
@@ -125,7 +183,9 @@ def open_storage(url: str, *, create_dirs: bool = False):
         if is_journal(url):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-            return JournalStorage(JournalFileBackend(str(path)))
+            storage = JournalStorage(JournalFileBackend(str(path)))
+            _MARK_DIRS[storage] = marks_dir(path)
+            return storage
         connect_args = {"timeout": 60} if is_sqlite(url) else {"connect_timeout": 10}
         if is_sqlite(url) and path is not None and not path.exists():
             _create_sqlite_schema(path, connect_args)

@@ -205,3 +205,63 @@ def test_a_sqlite_storage_killed_while_created_leaves_nothing_behind(tmp_path, m
     study = optuna.create_study(storage=open_storage(f"sqlite:///{db}"), study_name="after")
     assert db.is_file() and study.study_name == "after"
     assert [s.study_name for s in optuna.get_all_study_summaries(open_storage(f"sqlite:///{db}"))] == ["after"]
+
+
+MARKER = textwrap.dedent("""
+    import json, sys
+    from pipeline.sweep.storage import open_storage, take_mark
+    storage = open_storage(sys.argv[1])
+    print(json.dumps([take_mark(storage, "race", f"mark-{i}") for i in range(40)]))
+""")
+
+
+@pytest.mark.parametrize("kind", ["journal.log", "study.db"])
+def test_one_time_marks_are_taken_once_and_never_show_as_studies(tmp_path, sweep_data, subprocess_env, kind):
+    """The requeue bookkeeping lives beside the studies: `optuna studies` and optuna-dashboard
+    list only the real study, and of two processes asking at once exactly one gets each mark."""
+    import json
+
+    import optuna
+
+    from pipeline.sweep.queueing import requeue_missing
+
+    url = normalize_storage(str(tmp_path / kind))
+    storage = open_storage(url, create_dirs=True)
+    spec = load_study(write_study(tmp_path / "s.yaml", sweep_data))
+    study = open_study(spec, storage, url)
+    for t in study.get_trials():  # both grid points failed: one requeue of them, whoever asks
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.RUNNING)
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    assert requeue_missing(study, storage, spec, "s", reason="rerun") == 2
+    assert requeue_missing(study, open_storage(url), spec, "s", reason="rerun") == 0
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 2
+    procs = [subprocess.Popen([sys.executable, "-c", MARKER, url], stdout=subprocess.PIPE, text=True,
+                              env=subprocess_env, cwd=REPO) for _ in range(2)]
+    got = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert [a + b for a, b in zip(*got)] == [1] * 40  # each mark taken by exactly one process
+    assert [s.study_name for s in optuna.get_all_study_summaries(open_storage(url))] == ["s"]
+    assert optuna.get_all_study_names(open_storage(url)) == ["s"]
+
+
+def test_tuning_report_rounds_sampled_values_and_draws_log_parameters_on_a_log_axis(tmp_path):
+    import optuna
+    import pandas as pd
+    from optuna.distributions import FloatDistribution
+
+    from pipeline.sweep.report import write_report
+
+    info = {"name": "tune", "title": "tune", "mode": "tune", "folds": [0], "shots": [1], "reference": {},
+            "params": [{"name": "knobs.lam", "kind": "float", "low": 0.0, "high": 1.0, "log": False},
+                       {"name": "optim.lr", "kind": "float", "low": 1e-4, "high": 1e-2, "log": True}]}
+    study = optuna.create_study(direction="maximize")
+    dists = {"knobs.lam": FloatDistribution(0.0, 1.0), "optim.lr": FloatDistribution(1e-4, 1e-2, log=True)}
+    for lam, lr, v in [(0.5488135039273248, 0.0012345678, 0.4), (0.7151893663724195, 0.00551234, 0.5)]:
+        study.add_trial(optuna.trial.create_trial(params={"knobs.lam": lam, "optim.lr": lr}, distributions=dists,
+                                                  value=v, user_attrs={"fss_scores": {"1": {"0": v}}}))
+    write_report(study, info, tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    assert "| 0.7152 | 0.005512 |" in table and "| 0.5488 | 0.001235 |" in table
+    assert "0.5488135" not in table + (tmp_path / "table.tex").read_text() + (tmp_path / "table.csv").read_text()
+    assert pd.read_csv(tmp_path / "table.csv")["optim.lr"].tolist() == [0.005512, 0.001235]
+    html = (tmp_path / "slice.html").read_text()
+    assert html.count('"type":"log"') == 1  # optim.lr's axis only
