@@ -194,7 +194,7 @@ def open_storage(url: str, *, create_dirs: bool = False):
         raise
     except ModuleNotFoundError as exc:
         raise ConfigError(f"cannot open storage {shown}: the database driver '{exc.name}' is not installed; "
-                          f"install it (e.g. psycopg2-binary or pymysql) in this environment.") from None
+                          f"install it (psycopg[binary] for postgresql://, pymysql for mysql+pymysql://) in this environment.") from None
     except Exception as exc:  # noqa: BLE001 - any failure to connect or read is a user error here
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ConfigError(f"cannot open storage {shown}: {type(exc).__name__}: {first}; check the URL, "

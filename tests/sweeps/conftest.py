@@ -38,3 +38,6 @@ def write_study(path: Path, root: Path, *, params=None, iterations: int = 2, ext
     doc.update(keys)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+from postgres_server import postgres_url  # noqa: E402,F401  (the throw-away PostgreSQL server fixture)
