@@ -11,6 +11,8 @@ A run directory (``fss train --out RUN_DIR``) holds::
     model.pt           the selected weights (validation.select: last or best)
     train_summary.json what was trained, how long, which weights were selected
     train.log          one line per event
+    inputs.json        digests of the code, backbone weights and data index it was trained
+                       from (with ``fss train --restart-on-change``, the DVC stages' way)
 
 The resume checkpoint is a dict of tensors, numbers, strings and lists only, so it loads
 with ``torch.load(weights_only=True)`` (no pickled code runs): model and optimiser state
@@ -49,6 +51,7 @@ MODEL_BEST = "model_best.pt"
 MODEL_SELECTED = "model.pt"
 SUMMARY_FILE = "train_summary.json"
 LOG_FILE = "train.log"
+INPUTS_FILE = "inputs.json"
 
 
 # ---------------------------------------------------------------- small atomic writers
@@ -116,14 +119,24 @@ class RunDir:
             raise ConfigError(f"{self.config_file} does not hold a configuration mapping.")
         return config_from_dict(data)
 
-    def prepare(self, config: RunConfig) -> bool:
+    def prepare(self, config: RunConfig, *, restart_on_change: bool = False, say=None) -> bool:
         """Create the directory or check that it holds the same run.
 
         Returns True when a config was already there (a rerun: resume or finish). A
-        different configuration raises :class:`ConfigError` naming the first differing key.
+        different configuration raises :class:`ConfigError` naming the first differing key;
+        with ``restart_on_change`` (``dvc.yaml``'s train stages, whose run directories are
+        ``persist: true``) a different configuration, or different code, backbone weights or
+        data index (:func:`input_digests`), instead empties the directory and starts afresh.
         """
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"--out {self.path} exists and is not a directory; choose a new run directory.")
+        if restart_on_change and self.has_config():
+            reason = self._changed(config)
+            if reason is None:
+                remove_stale_temporaries(self.path)
+                return True
+            (say or (lambda m: None))(f"{self.path} holds a run of other inputs ({reason}); starting afresh.")
+            self._empty()
         if self.has_config():
             saved = self.load_config()
             if (saved.method, saved.dataset, saved.fold, saved.shot) != (
@@ -149,13 +162,71 @@ class RunDir:
                 f"--out {self.path} exists and is not empty but holds no {CONFIG_FILE}; choose a new run directory."
             )
         self.path.mkdir(parents=True, exist_ok=True)
+        if restart_on_change:
+            write_json(self.file(INPUTS_FILE), input_digests(config))
         atomic_write_text(self.config_file, config.to_yaml())
         return False
+
+    def _changed(self, config: RunConfig) -> str | None:
+        """Why the saved run differs from ``config`` and this checkout's inputs (None: it does not)."""
+        try:
+            saved = self.load_config()
+        except ConfigError:
+            return f"a damaged {CONFIG_FILE}"
+        diffs = config_differences(saved, config)
+        if diffs:
+            key, old, new = diffs[0]
+            return f"{key}={old!r}, now {new!r}"
+        inputs = self.file(INPUTS_FILE)
+        try:
+            recorded = json.loads(inputs.read_text()) if inputs.is_file() else {}
+        except (ValueError, UnicodeDecodeError):
+            recorded = {}
+        current = input_digests(config)
+        changed = [k for k in current if recorded.get(k) != current[k]]
+        return f"its {', '.join(changed)} changed" if changed else None
+
+    def _empty(self) -> None:
+        import shutil
+
+        for p in self.path.iterdir():
+            if p.name == ".gitignore":
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
     def log(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with open(self.path / LOG_FILE, "a") as fh:
             fh.write(f"{stamp} {message}\n")
+
+
+def input_digests(config: RunConfig) -> dict[str, str]:
+    """SHA-256 digests of what a run reads besides its configuration: ``code`` (every .py file
+    of the fss and pipeline packages), ``backbone weights`` (the file, when the config names
+    one) and ``data`` (the prepared root's meta.json, areas.tsv and lists, not the images)."""
+    import hashlib
+
+    import fss
+    import pipeline
+
+    def digest(root: Path, files) -> str:
+        h = hashlib.sha256()
+        for f in sorted(files):
+            h.update(str(f.relative_to(root)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+    code = [Path(fss.__file__).parent, Path(pipeline.__file__).parent]
+    out = {"code": digest(code[0].parent, [f for d in code for f in d.rglob("*.py")])}
+    weights = Path(config.backbone_weights) if config.backbone_weights else None
+    if weights is not None and weights.is_file():
+        out["backbone weights"] = digest(weights.parent, [weights])
+    root = Path(config.data.root)
+    index = [root / "meta.json", root / "areas.tsv", *sorted((root / "lists").rglob("*.txt"))]
+    out["data"] = digest(root, [f for f in index if f.is_file()])
+    return out
 
 
 # ---------------------------------------------------------------- CSV logs (resumable)

@@ -188,7 +188,7 @@ class TrainState:
         return self.elapsed_before + (time.monotonic() - self.clock)
 
 
-def setup(config: RunConfig, out, say: Callable[[str], None]) -> Trainer:
+def setup(config: RunConfig, out, say: Callable[[str], None], restart_on_change: bool = False) -> Trainer:
     """Processes, determinism, data, model and optimiser of a run (nothing read from a checkpoint yet)."""
     from pipeline import distributed as D
     from pipeline import runs as R
@@ -199,7 +199,8 @@ def setup(config: RunConfig, out, say: Callable[[str], None]) -> Trainer:
     D.per_rank_batch_size(config.train.batch_size, ctx.world_size)
     say = say if ctx.is_main else (lambda m: None)
     run = D.rank_run_dir(out, ctx)
-    D.on_main(lambda: run.prepare(config), ctx)  # a rerun must match the saved config (operational keys aside)
+    # a rerun must match the saved config (operational keys aside), or start afresh with restart_on_change
+    D.on_main(lambda: run.prepare(config, restart_on_change=restart_on_change, say=say), ctx)
     deterministic = set_determinism(config, device)
     warning = bf16_cpu_warning(config.train.precision, device)
     if warning:
@@ -384,6 +385,7 @@ def train_run(
     say: Callable[[str], None] | None = None,
     plots_dir: str | os.PathLike | None = None,
     on_validation: Callable[[int, float], None] | None = None,
+    restart_on_change: bool = False,
 ) -> dict:
     """Train (or resume, or finish) the run in ``out``; returns the run summary.
 
@@ -393,12 +395,13 @@ def train_run(
 
     ``plots_dir``: where copies of curves.csv and val.csv go at the end (DVC plots).
     ``stop_after`` (testing): checkpoint and return after that many iterations, as if
-    the process had been killed right after a checkpoint.
+    the process had been killed right after a checkpoint. ``restart_on_change``: a run directory
+    of another configuration, code, backbone weights or data is emptied instead of refused.
     """
     from pipeline import distributed as D
     from pipeline.tracking import Tracker
 
-    t = setup(config, out, say or (lambda m: None))
+    t = setup(config, out, say or (lambda m: None), restart_on_change=restart_on_change)
     state = resume_or_start(t)
     if state.iteration >= t.total > 0:
         t.say(f"{out} was already trained ({t.total} iterations); writing its final files.")
@@ -564,6 +567,10 @@ def train_command(
     params: Optional[Path] = typer.Option(None, help="Params file (default ./params.yaml, else the repository's)."),
     plots_dir: Optional[Path] = typer.Option(None, help="Also copy curves.csv and val.csv here at the end (DVC plots)."),
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="Testing: checkpoint and stop after N iterations."),
+    restart_on_change: bool = typer.Option(
+        False, "--restart-on-change",
+        help="When OUT holds a run of another config, code, backbone weights or data, empty it and start afresh "
+             "instead of refusing (dvc.yaml's train stages); the same inputs resume."),
 ) -> None:
     """Train METHOD on one fold; the resolved config is saved in OUT and printed."""
     import json
@@ -579,6 +586,7 @@ def train_command(
             epochs=epochs, device=device, set_values=set_, params_path=params,
         )
         summary = train_run(config, out, stop_after=stop_after, track=None if follower else track, plots_dir=plots_dir,
+                            restart_on_change=restart_on_change,
                             say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
     except FSSError:
         if follower:
