@@ -4,8 +4,11 @@ The protocol (``fss.data.protocols``) fixes the episodes, seeds and runs, the te
 size and where predictions are scored (protocol sections 3-5). mIoU and FB-IoU come from
 ``fss.metrics.IoUMeter`` (intersections and unions summed per class over the episodes);
 with several runs the JSON gives the mean, the population standard deviation and every
-run. A model trained with K shots can be evaluated with any number of shots: the model is
-rebuilt with the evaluation shot and the trained weights are loaded strictly.
+run. A model trained with K shots can be evaluated with any number of shots (and a PANet
+with any number of ways): ``fss.models.checkpoints.load_model_file`` rebuilds the model with
+the evaluation's shot and ways and loads the trained weights strictly. A ``--model`` file
+imported for another dataset (PFENet/CELP pyramid bins) is refused unless
+``--allow-dataset-mismatch``.
 
 Output JSON (``--out``, default ``RUN_DIR/eval-<protocol>-<K>shot.json``)::
 
@@ -14,12 +17,13 @@ Output JSON (``--out``, default ``RUN_DIR/eval-<protocol>-<K>shot.json``)::
      "episodes", "protocol", "protocol_options", "checkpoint", "checkpoint_selection",
      "method", "dataset", "backbone", "fold", "shot", "train_shot", ...}
 
-and a PNG of sample episodes next to it (support, query, ground truth, prediction).
+and a PNG of sample episodes next to it (support, query, ground truth, prediction), and the
+small metrics file ``<out>.metrics.json`` (:func:`small_metrics`: what a table row needs,
+declared as DVC ``metrics`` by dvc.yaml while the full report is a cached output).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,29 +36,6 @@ from fss.evaluation import evaluate_model, make_protocol, validation_protocol
 
 EVAL_KIND = "fss-evaluation"
 EVAL_VERSION = 1
-
-
-# ---------------------------------------------------------------- models
-
-
-def load_model_for_shot(path: str | os.PathLike, shot: int):
-    """Build the model a model file describes with ``shot`` shots and load it strictly."""
-    from fss.models.checkpoints import MODEL_FILE_FORMAT, load_strict, safe_torch_load
-    from fss.models.registry import create_model
-
-    blob = safe_torch_load(path)
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FILE_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a model file of this project; import released checkpoints with "
-            f"'fss checkpoint import --format ...' first."
-        )
-    for key in ("method", "backbone", "shot", "knobs", "state_dict"):
-        if key not in blob:
-            raise CheckpointError(f"model file {path} lacks {key!r}; it is damaged: re-create it.")
-    model = create_model(blob["method"], backbone=blob["backbone"], shot=int(shot), **dict(blob["knobs"]))
-    load_strict(model, blob["state_dict"], str(path))
-    meta = {k: v for k, v in blob.items() if k != "state_dict"}
-    return model, meta
 
 
 def _default_out(run_dir: Path | None, model: Path | None, protocol: str, shot: int) -> Path:
@@ -88,17 +69,24 @@ def evaluate_one(
     say: Callable[[str], None] | None = None,
     channels_last: bool = False,
     feature_cache=None,
+    allow_dataset_mismatch: bool = False,
 ) -> dict:
-    """Evaluate one model file at ``shot`` shots and write the JSON (and the figure).
+    """Evaluate one model file at ``shot`` shots and ``ways`` ways and write the JSON (and the figure).
 
     ``feature_cache`` (a ``FeatureCache`` or None) is shared by the calls of one command;
-    the report gets its counters for this evaluation under ``feature_cache``.
+    the report gets its counters for this evaluation under ``feature_cache``. A model file
+    imported for another dataset is refused unless ``allow_dataset_mismatch``.
     """
+    from fss.models.checkpoints import load_model_file
     from pipeline.runs import write_json
     from pipeline.tracking import Tracker
 
     say = say or (lambda m: None)
-    model, meta = load_model_for_shot(model_path, shot)
+    model, meta = load_model_file(model_path, shot=shot, ways=ways, dataset=dataset,
+                                  allow_dataset_mismatch=allow_dataset_mismatch)
+    if meta.get("dataset") not in (None, dataset):
+        say(f"warning: {model_path} was imported for {meta['dataset']}, evaluated on {dataset} "
+            f"(--allow-dataset-mismatch).")
     model = model.to(device)
     tracker = Tracker(
         enabled=tracking.wandb, project=tracking.project, entity=tracking.entity,
@@ -198,6 +186,19 @@ def _report(result: dict, *, meta: dict, dataset: str, fold: int, shot: int, way
     return report
 
 
+def small_metrics(report: dict) -> dict:
+    """The few numbers of a table row (DVC metrics): mIoU and FB-IoU as fractions, method, fold,
+    shot and episode count, plus the standard deviations over runs when there are several."""
+    keys = ("method", "fold", "shot", "episodes", "miou", "fb_iou", "miou_std", "fb_iou_std")
+    return {k: report[k] for k in keys if k in report}
+
+
+def metrics_path(out: Path) -> Path:
+    """``evals/m/fold0-1shot.json`` -> ``evals/m/fold0-1shot.metrics.json``."""
+    stem = out.name[: -len(".json")] if out.name.endswith(".json") else out.name
+    return out.with_name(stem + ".metrics.json")
+
+
 def _class_names(data) -> dict[int, str]:
     names = data.meta.get("class_names") or []
     return {i + 1: n for i, n in enumerate(names)}
@@ -281,6 +282,16 @@ def _model_source(model: Path, dataset: str | None, root: Path | None, fold: int
                 channels_last=channels_last, group_shot=group_shot, cache=cache)
 
 
+def _check_model_file(model: Path, dataset: str, ways: int, allow_dataset_mismatch: bool) -> None:
+    """Refuse a --model file recorded for another dataset, or one that cannot do ``ways`` ways,
+    before the data is opened (the loader checks the same again)."""
+    from fss.models.checkpoints import check_model_dataset, read_model_file, with_eval_ways
+
+    blob = read_model_file(model)
+    check_model_dataset(blob, model, dataset, allow_dataset_mismatch)
+    with_eval_ways(blob["method"], blob["knobs"], ways, model)
+
+
 def evaluate_command(
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory of 'fss train'."),
     shot: list[int] = typer.Option([1], "--shot", help="Shots at test time; repeat for several (--shot 1 --shot 5)."),
@@ -298,6 +309,9 @@ def evaluate_command(
     fold: Optional[int] = typer.Option(None, help="With --model: fold 0..3."),
     convention: Optional[str] = typer.Option(None, help="With --model on COCO: interleaved or contiguous."),
     ways: int = typer.Option(1, help="Ways per episode (N-way needs the panet protocol; PANet Table 3)."),
+    allow_dataset_mismatch: bool = typer.Option(
+        False, "--allow-dataset-mismatch",
+        help="With --model: evaluate a file imported for another dataset (e.g. COCO pyramid bins on PASCAL)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (default: the run's train.device)."),
     batch_size: Optional[int] = typer.Option(None, help="Episodes per forward pass (default: test.batch_size)."),
     num_workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: data.num_workers)."),
@@ -320,6 +334,7 @@ def evaluate_command(
 
     from pipeline.config import bf16_cpu_warning, resolve_device
     from pipeline.console import console, track
+    from pipeline.runs import write_json
 
     say = lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     if (run is None) == (model is None):
@@ -336,6 +351,7 @@ def evaluate_command(
         src = _run_source(run, checkpoint, device, num_workers)
     else:
         src = _model_source(model, dataset, root, fold, convention, num_workers, params, device)
+        _check_model_file(model, dataset, ways, allow_dataset_mismatch)
     model_path, selection, ds_name, fold_, root_, conv = (src[k] for k in (
         "model_path", "selection", "ds_name", "fold_", "root_", "conv"))
     test_cfg, tracking, device, workers, precision, channels_last, group_shot, cache = (src[k] for k in (
@@ -368,8 +384,9 @@ def evaluate_command(
             shot=k, protocol=proto, device=dev, batch_size=bs, num_workers=workers, precision=precision,
             ways=ways, out=out_k, figure=fig_k, figure_episodes=test_cfg.figure_episodes, tracking=tracking,
             run_dir=run, group_shot=group_shot or k, track=track, say=say, channels_last=channels_last,
-            feature_cache=fcache,
+            feature_cache=fcache, allow_dataset_mismatch=allow_dataset_mismatch,
         )
+        write_json(metrics_path(out_k), small_metrics(report))
         console.print(
             f"[green]{report['method']}[/green] fold {fold_} {k}-shot ({name}, {report['episodes']} episodes"
             f"{', %d runs' % report['num_runs'] if report['num_runs'] > 1 else ''}): "

@@ -14,7 +14,6 @@ from rich.table import Table
 from fss.errors import ConfigError
 from fss.models.checkpoints import import_checkpoint, save_model_file
 from fss.models.registry import get_method, list_methods
-from pipeline.console import console
 
 checkpoint_app = typer.Typer(help="Released reference checkpoints.", no_args_is_help=True)
 
@@ -46,21 +45,38 @@ def import_(
     file: Path = typer.Argument(..., help="The released checkpoint file (.pth)."),
     format: ImportFormat = typer.Option(..., "--format", help="Which reference implementation saved FILE."),
     out: Path = typer.Option(..., help="Where to write the model file of this project (.pt)."),
-    shot: int = typer.Option(1, help="Shots the imported model will be evaluated with by default."),
-    dataset: Optional[str] = typer.Option(None, help="pascal or coco: chooses PFENet's pyramid bins (absolute [60,30,15,8] or COCO's fractions) for pfenet/celp files."),
+    dataset: Optional[str] = typer.Option(
+        None, help="pascal or coco: the dataset FILE was trained on. Required for pfenet and celp (it sets "
+                   "PFENet's pyramid bins, which the keys cannot tell); recorded, and 'fss evaluate' refuses "
+                   "another dataset."),
+    train_shot: Optional[int] = typer.Option(
+        None, "--train-shot", help="Shots FILE was trained with (recorded as train_shot; 'fss evaluate --shot' "
+                                   "chooses the test shots)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the import report as JSON only."),
 ) -> None:
     """Load a released PFENet, CELP or PANet checkpoint into this project's model and save it."""
-    options: dict = {"shot": shot}
-    if dataset is not None:
-        if format is ImportFormat.panet:
-            raise ConfigError("--dataset only applies to pfenet and celp files (it sets PFENet's pyramid bins).")
-        if dataset not in ("pascal", "coco"):
-            raise ConfigError(f"unknown dataset {dataset!r} for --dataset; choose one of: pascal, coco.")
-        options["pyramid_bins"] = dataset  # the importers' named presets
-    model, report = import_checkpoint(format.value, file, **options)
+    if train_shot is not None and train_shot < 1:
+        raise ConfigError(f"--train-shot {train_shot} must be a positive integer.")
+    model, report = import_checkpoint(format.value, file, dataset=dataset)
     save_model_file(
-        out, model, method=report["method"], backbone=report["backbone"], shot=shot,
-        knobs=report.get("knobs", {}), source=f"{format.value}:{file}",
+        out, model, method=report["method"], backbone=report["backbone"], shot=train_shot,
+        knobs=report["knobs"], source=f"{format.value}:{file}", dataset=report["dataset"],
     )
-    console.print(f"[green]imported[/green] {file} -> {out}")
-    typer.echo(json.dumps({k: v for k, v in report.items() if k != "knobs"}, default=str))
+    report = {**report, "train_shot": train_shot, "out": str(out)}
+    if json_out:
+        typer.echo(json.dumps(report))
+        return
+    typer.echo(import_summary(report))
+
+
+def import_summary(report: dict) -> str:
+    """The import report for a person: what was read, and every setting recorded with the weights."""
+    epoch = "" if report["epoch"] is None else f", epoch {report['epoch']}"
+    knobs = ", ".join(f"{k}={v}" for k, v in report["knobs"].items()) or "defaults"
+    return "\n".join([
+        f"imported {report['source']} -> {report['out']}",
+        f"  {report['format']} file: {report['method']} with backbone {report['backbone']}, "
+        f"{report['file_keys']} tensors in the file, all {report['matched']} model keys loaded{epoch}",
+        f"  dataset: {report['dataset'] or 'not recorded'}; knobs: {knobs}",
+        f"  train shot: {report['train_shot'] or 'not recorded'} (evaluate chooses --shot and --ways)",
+    ])

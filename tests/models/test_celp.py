@@ -10,6 +10,7 @@ import fss.models.methods.celp as celp_module
 from fss.errors import CheckpointError, ConfigError, DataError
 from fss.models import create_model
 from fss.models.methods.celp import CELP
+from fss.models.methods.pfenet import COCO_BINS, PASCAL_BINS
 from fss.models.checkpoints import import_checkpoint
 
 #: key<TAB>shape<TAB>dtype listings of the released checkpoints (copies of spec/checkpoints)
@@ -147,7 +148,7 @@ def test_knob_validation():
 # -- importer ------------------------------------------------------------------------------------
 
 
-def _synthetic(listing, path):
+def _synthetic(listing, path, prefix="module."):
     g = torch.Generator().manual_seed(0)
     state = {}
     for line in open(f"{SPEC}/{listing}"):
@@ -161,18 +162,19 @@ def _synthetic(listing, path):
             value = torch.randn(shape, generator=g) / (shape[1] * shape[2] * shape[3]) ** 0.5
         else:
             value = 0.5 * torch.rand(shape, generator=g)
-        state["module." + key] = value
+        state[prefix + key] = value
     torch.save({"epoch": 200, "state_dict": state, "optimizer": {}}, path)
-    return {k[len("module."):]: v for k, v in state.items()}
+    return {k[len(prefix):]: v for k, v in state.items()}
 
 
 @pytest.mark.slow
 def test_import_celp_resnet50_loads_every_key_and_runs(tmp_path):
     path = tmp_path / "celp_r50.pth"
     state = _synthetic("celp_pfenet_resnet50.txt", path)
-    model, report = import_checkpoint("celp", path, pyramid_bins="coco", kshot_mode="vote-1")
+    model, report = import_checkpoint("celp", path, dataset="coco", kshot_mode="vote-1")
     assert isinstance(model, CELP) and model.kshot_mode == "vote-1"
     assert report["format"] == "celp" and report["backbone"] == "resnet50v2" and report["epoch"] == 200
+    assert report["dataset"] == "coco" and report["knobs"] == {"pyramid_bins": COCO_BINS, "kshot_mode": "vote-1"}
     assert report["matched"] == len(state) == 364
     assert torch.equal(model.down_feat[0].weight, state["down_feat.0.weight"])
     assert torch.equal(model.backbone.conv1.weight, state["layer0.0.weight"])
@@ -184,3 +186,14 @@ def test_import_celp_resnet50_loads_every_key_and_runs(tmp_path):
     assert logits.shape == (1, 2, 33, 33) and torch.isfinite(logits).all()
     with pytest.raises(CheckpointError, match="looks like a CELP checkpoint"):
         import_checkpoint("pfenet", path)
+
+
+def test_import_celp_as_its_scripts_save_it_unwrapped(tmp_path):
+    """CELP's train/test scripts save the model without DataParallel: keys without ``module.``."""
+    path = tmp_path / "celp_unwrapped.pth"
+    state = _synthetic("celp_pfenet_resnet50.txt", path, prefix="")
+    assert not any(k.startswith("module.") for k in torch.load(path)["state_dict"])
+    model, report = import_checkpoint("celp", path, dataset="pascal")
+    assert report["matched"] == len(state) == 364 and report["knobs"] == {"pyramid_bins": PASCAL_BINS}
+    assert torch.equal(model.down_feat[0].weight, state["down_feat.0.weight"])
+    assert model.pyramid_bins == tuple(PASCAL_BINS)

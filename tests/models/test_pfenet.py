@@ -9,7 +9,7 @@ import torch
 from fss.errors import CheckpointError, ConfigError
 from fss.models import create_model
 from fss.models.blocks import resize_bilinear
-from fss.models.checkpoints import import_checkpoint
+from fss.models.checkpoints import IMPORT_REPORT_FIELDS, import_checkpoint
 from fss.models.methods.pfenet import PFENet, bin_side, parse_pyramid_bins
 
 #: key<TAB>shape<TAB>dtype listings of the released checkpoints (copies of spec/checkpoints)
@@ -219,10 +219,15 @@ def test_import_pfenet_resnet50_loads_every_key_and_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_import_pfenet_vgg16bn_and_default_pascal_bins(tmp_path):
+def test_import_pfenet_vgg16bn_needs_the_dataset_for_its_bins(tmp_path):
     path = tmp_path / "pfenet_vgg.pth"
     state = synthetic_reference_checkpoint("pfenet_vgg16bn.txt", path)
-    model, report = import_checkpoint("pfenet", path, shot=5)
+    with pytest.raises(ConfigError, match="--dataset pascal or coco") as err:  # no silent PASCAL default
+        import_checkpoint("pfenet", path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    model, report = import_checkpoint("pfenet", path, dataset="pascal", shot=5)
+    assert tuple(report) == IMPORT_REPORT_FIELDS
+    assert report["dataset"] == "pascal" and report["knobs"] == {"pyramid_bins": [60, 30, 15, 8]}
     assert report["backbone"] == "vgg16bn" and report["matched"] == len(state) == 126
     assert model.pyramid_bins == (60, 30, 15, 8) and model.shot == 5
     assert torch.equal(model.backbone.features[7].weight, state["layer1.0.weight"])
@@ -234,7 +239,7 @@ def test_import_pfenet_vgg16bn_and_default_pascal_bins(tmp_path):
 def test_import_pfenet_resnet101(tmp_path):
     path = tmp_path / "pfenet_r101.pth"
     state = synthetic_reference_checkpoint("pfenet_resnet101.txt", path)
-    model, report = import_checkpoint("pfenet", path)
+    model, report = import_checkpoint("pfenet", path, dataset="pascal")
     assert report["backbone"] == "resnet101v2" and report["matched"] == len(state) == 671
     assert torch.equal(model.backbone.layer3[22].bn3.weight, state["layer3.22.bn3.weight"])
 

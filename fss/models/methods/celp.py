@@ -182,7 +182,8 @@ class CELP(PFENet):
 
 
 @register_importer("celp")
-def import_celp(path, shot: int = 1, pyramid_bins=None, **knobs) -> tuple[FSSModel, dict]:
+def import_celp(path, dataset: str | None = None, shot: int = 1, pyramid_bins=None, **knobs) -> tuple[FSSModel, dict]:
     """Load a released CELP (PFENet-based) checkpoint: like :func:`fss.models.methods.pfenet.import_pfenet`
-    but with the shared ``down_feat``; extra CELP knobs (e.g. ``kshot_mode``) may be given."""
-    return build_from_reference(path, "celp", "celp", shot=shot, pyramid_bins=pyramid_bins, **knobs)
+    but with the shared ``down_feat``, and CELP's scripts save it unwrapped (no ``module.``;
+    both are read); extra CELP knobs (e.g. ``kshot_mode``) may be given."""
+    return build_from_reference(path, "celp", "celp", dataset=dataset, shot=shot, pyramid_bins=pyramid_bins, **knobs)

@@ -40,7 +40,7 @@ from fss.models.backbones import build_backbone
 from fss.models.backbones.vgg import panet_key_to_backbone_key
 from fss.models.base import FSSModel, ModelOutput
 from fss.models.blocks import upsampled_masked_average_pool
-from fss.models.checkpoints import load_strict, register_importer, safe_torch_load
+from fss.models.checkpoints import import_report, load_strict, register_importer, safe_torch_load
 from fss.models.registry import Knob, register_method
 
 PANET_MAP_EPS = 1e-5
@@ -289,12 +289,13 @@ def panet_model_state(panet_state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 @register_importer("panet")
-def import_panet_checkpoint(path, shot: int = 1, **knobs):
+def import_panet_checkpoint(path, dataset: str | None = None, shot: int = 1, **knobs):
     """Load a released PANet model (plain state dict, keys ``module.encoder.backbone.features.*``).
 
     Returns ``(model, report)``; refuses files of other formats with a one-line
     :class:`CheckpointError`. The model gets the ``vgg16`` backbone; ``knobs`` are PANet
-    knobs (e.g. ``ways=2``).
+    knobs (e.g. ``ways=2``; evaluation chooses ``ways`` again, no weight depends on it).
+    ``dataset`` is only recorded: PANet has no dataset-dependent setting.
     """
     from fss.models.registry import create_model
 
@@ -303,12 +304,11 @@ def import_panet_checkpoint(path, shot: int = 1, **knobs):
         stripped = {(k[7:] if k.startswith("module.") else k): v for k, v in blob.items()}
         if all(PANET_KEY.match(k) for k in stripped):
             model = create_model("panet", backbone="vgg16", shot=shot, **knobs)
-            report = load_strict(model, panet_model_state(blob), str(path))
-            report.update({
-                "format": "panet", "method": "panet", "backbone": "vgg16", "shot": shot,
-                "knobs": dict(knobs), "source": str(Path(path)), "keys": len(stripped),
-            })
-            return model, report
+            counts = load_strict(model, panet_model_state(blob), str(path))
+            return model, import_report(
+                fmt="panet", method="panet", backbone="vgg16", dataset=dataset, knobs=knobs,
+                matched=counts["matched"], file_keys=len(stripped), epoch=None, path=path,
+            )
     raise CheckpointError(
         f"{path} looks like {_guess_format(blob)}, not a PANet checkpoint (a plain state dict of "
         f"'module.encoder.backbone.features.*' tensors)."

@@ -47,7 +47,7 @@ from fss.models.blocks import (
     prior_mask,
     resize_bilinear,
 )
-from fss.models.checkpoints import load_strict, register_importer, safe_torch_load
+from fss.models.checkpoints import import_report, load_strict, register_importer, safe_torch_load
 from fss.models.registry import Knob, register_method
 
 #: pyramid bins of the reference configs: absolute sides for PASCAL (473 input, 60x60
@@ -415,10 +415,27 @@ def map_reference_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict
     return mapped
 
 
+def reference_pyramid_bins(path, dataset: str | None, pyramid_bins, stored: int) -> list:
+    """The bins of a released PFENet/CELP file: given, or the preset of its dataset (the keys
+    cannot tell PASCAL's from COCO's: both have four bins)."""
+    if pyramid_bins is None and dataset is None:
+        raise ConfigError(
+            f"{path}: the dataset it was trained on is needed (--dataset pascal or coco): the keys cannot "
+            f"tell PFENet's pyramid bins (PASCAL {PASCAL_BINS}, COCO {COCO_BINS})."
+        )
+    bins = list(parse_pyramid_bins(pyramid_bins if pyramid_bins is not None else dataset))
+    if stored != len(bins):
+        raise CheckpointError(
+            f"{path} was trained with {stored} pyramid bins but pyramid_bins={bins} has {len(bins)}; "
+            f"pass the bins it was trained with (PASCAL {PASCAL_BINS}, COCO {COCO_BINS})."
+        )
+    return bins
+
+
 def build_from_reference(
-    path, method: str, expected: str, shot: int = 1, pyramid_bins=None, **knobs
+    path, method: str, expected: str, dataset: str | None = None, shot: int = 1, pyramid_bins=None, **knobs
 ) -> tuple[FSSModel, dict]:
-    """Shared body of the PFENet and CELP importers."""
+    """Shared body of the PFENet and CELP importers (``module.`` prefixed or unwrapped keys)."""
     from fss.models.registry import create_model
 
     state, epoch = read_reference_checkpoint(path)
@@ -426,34 +443,21 @@ def build_from_reference(
     if f"format '{expected}'" not in looks_like:
         raise CheckpointError(f"{path} is not a {expected} checkpoint: it looks like {looks_like}.")
     backbone = infer_pfenet_backbone(state, path)
-    bins = list(parse_pyramid_bins(pyramid_bins if pyramid_bins is not None else PASCAL_BINS))
     stored = len({k.split(".")[1] for k in state if k.startswith("init_merge.")})
-    if stored != len(bins):
-        raise CheckpointError(
-            f"{path} was trained with {stored} pyramid bins but pyramid_bins={bins} has {len(bins)}; "
-            f"pass the bins it was trained with (PASCAL {PASCAL_BINS}, COCO {COCO_BINS})."
-        )
+    bins = reference_pyramid_bins(path, dataset, pyramid_bins, stored)
     model = create_model(method, backbone=backbone, shot=shot, pyramid_bins=bins, **knobs)
     mapped = map_reference_keys(state, model)
     counts = load_strict(model, mapped, str(path))
-    report = {
-        "format": expected,
-        "method": method,
-        "backbone": backbone,
-        "shot": shot,
-        "knobs": {"pyramid_bins": bins, **knobs},
-        "matched": counts["matched"],
-        "file_keys": len(state),
-        "epoch": epoch,
-        "source": str(Path(path)),
-    }
-    return model, report
+    return model, import_report(
+        fmt=expected, method=method, backbone=backbone, dataset=dataset, knobs={"pyramid_bins": bins, **knobs},
+        matched=counts["matched"], file_keys=len(state), epoch=epoch, path=path,
+    )
 
 
 @register_importer("pfenet")
-def import_pfenet(path, shot: int = 1, pyramid_bins=None) -> tuple[FSSModel, dict]:
+def import_pfenet(path, dataset: str | None = None, shot: int = 1, pyramid_bins=None) -> tuple[FSSModel, dict]:
     """Load a released PFENet checkpoint (``{'epoch', 'state_dict', 'optimizer'}``, keys with
     ``module.``) into :class:`PFENet`. The backbone (resnet50v2 / resnet101v2 / vgg16bn) is
-    read off the keys; the pyramid bins cannot be, so pass ``pyramid_bins`` ("pascal"
-    default, "coco", or a list) as the checkpoint was trained."""
-    return build_from_reference(path, "pfenet", "pfenet", shot=shot, pyramid_bins=pyramid_bins)
+    read off the keys; the pyramid bins cannot be: give the ``dataset`` it was trained on
+    (``pascal``/``coco`` presets) or the ``pyramid_bins`` themselves."""
+    return build_from_reference(path, "pfenet", "pfenet", dataset=dataset, shot=shot, pyramid_bins=pyramid_bins)
