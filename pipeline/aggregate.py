@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import typer
 
@@ -273,11 +273,19 @@ def aggregate(runs: str | Path, out: str | Path) -> dict:
 def aggregate_command(
     runs: Path = typer.Option(..., "--runs", help="Directory searched (recursively) for evaluation JSON files."),
     out: Path = typer.Option(..., help="Output directory for results.csv, tables and chart."),
+    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Log the tables to W&B as tables (default: tracking.wandb of ./params.yaml)."),
 ) -> None:
     """Collect evaluations into results.csv and the papers' tables (Markdown, LaTeX, CSV, PNG)."""
-    from pipeline.console import console
+    import dataclasses
 
+    from pipeline.config import load_params, tracking_defaults
+    from pipeline.console import console
+    from pipeline.tracking import log_aggregate
+
+    tracking = tracking_defaults(load_params(None)[0], dataset=None)
     report = aggregate(runs, out)
+    log_aggregate(dataclasses.replace(tracking, wandb=tracking.wandb if wandb is None else wandb), out,
+                  warn=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
     console.print(f"[green]aggregated[/green] {report['evaluations']} evaluations -> {out}", highlight=False, soft_wrap=True)
     console.print((Path(out) / "table_miou.md").read_text(), highlight=False, markup=False, soft_wrap=True)
     typer.echo(json.dumps(report, sort_keys=True))

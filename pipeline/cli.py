@@ -12,7 +12,7 @@ app = typer.Typer(
     help="Few-shot segmentation pipeline: prepare data, train, evaluate, aggregate, sweep, bench.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # fss --install-completion (bash, zsh, fish, PowerShell)
 )
 app.add_typer(prepare.app, name="prepare")
 app.add_typer(data_cmd.app, name="data")

@@ -79,7 +79,7 @@ def evaluate_one(
     """
     from fss.models.checkpoints import load_model_file
     from pipeline.runs import write_json
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import Tracker, log_evaluation, model_artifact_name, run_name
 
     say = say or (lambda m: None)
     model, meta = load_model_file(model_path, shot=shot, ways=ways, dataset=dataset,
@@ -91,11 +91,12 @@ def evaluate_one(
     tracker = Tracker(
         enabled=tracking.wandb, project=tracking.project, entity=tracking.entity,
         group=f"{meta['method']}-{dataset}-{meta['backbone']}-{group_shot}shot", job_type="evaluate",
-        name=f"fold{fold}-{shot}shot", init_timeout=tracking.init_timeout, warn=say,
+        name=run_name(meta["method"], dataset, fold, shot), init_timeout=tracking.init_timeout, warn=say,
         config={"method": meta["method"], "dataset": dataset, "backbone": meta["backbone"], "fold": fold,
                 "shot": shot, "train_shot": meta.get("shot"), "knobs": meta.get("knobs", {}),
                 "protocol": protocol.describe(), "checkpoint": str(model_path), "selection": selection},
     )
+    tracker.use_model(model_path, model_artifact_name(meta["method"], dataset, meta["backbone"], meta.get("shot"), fold))
     cache_before = feature_cache.stats.as_dict() if feature_cache is not None else None
     start = time.monotonic()
     n_samples = max(figure_episodes if figure is not None else 0, tracking.images if tracker.active else 0)
@@ -120,10 +121,7 @@ def evaluate_one(
         episode_figure(samples[:figure_episodes], figure, title=title, class_names=_class_names(data))
         report["figure"] = str(figure)
     write_json(out, report)
-    tracker.summary({"miou": report["miou"], "fb_iou": report["fb_iou"], "episodes": report["episodes"],
-                     **({"miou_std": report["miou_std"]} if "miou_std" in report else {})})
-    tracker.log({"miou": report["miou"], "fb_iou": report["fb_iou"],
-                 **{f"class_iou/{k}": v for k, v in report["class_iou"].items()}})
+    log_evaluation(tracker, report, _class_names(data))
     if samples and tracker.active:
         tracker.images("predictions", [
             {"image": s["query"], "prediction": s["prediction"], "ground_truth": s["ground_truth"],

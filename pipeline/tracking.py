@@ -1,10 +1,18 @@
 """Weights & Biases tracking that never holds a run up.
 
-One W&B run per ``fss train`` and per ``fss evaluate``: ``group`` =
-method-dataset-backbone-shot, ``job_type`` = train / evaluate, ``name`` by fold. The
-config, loss curves, final metrics (run summary) and sample predictions (images with
-masks) are logged. The project's own files (curves.csv, eval JSON) stay the source of
-truth; tracking is a mirror.
+One W&B run per ``fss train``, per evaluation of ``fss evaluate`` and per ``fss aggregate``
+(turned on by ``--wandb`` or ``tracking.wandb: true``): ``group`` =
+method-dataset-backbone-shot, ``job_type`` = train / evaluate / aggregate, ``name`` =
+method-dataset-fold (``pfenet-synthetic-fold0``; evaluations add the shot:
+``pfenet-synthetic-fold0-1shot``). Logged: the config, loss curves and validation checks
+(``define_metric``: the summary's ``val/miou`` is the best check, not the last), the final
+metrics, per-class IoU as a ``wandb.Table`` with class names, sample predictions (images
+with masks), and the paper tables of ``fss aggregate`` as tables. Training logs its selected
+weights as a ``model`` artifact holding a reference to ``model.pt`` (its path and checksum;
+nothing is uploaded); an online evaluation run marks that artifact as its input
+(``use_artifact``); W&B refuses ``use_artifact`` offline, so an offline evaluation records
+the artifact's name in its config instead. The project's own files (curves.csv, eval JSON)
+stay the source of truth; tracking is a mirror.
 
 Mode: ``WANDB_MODE`` (online / offline / disabled) is respected when set; otherwise the
 run is online when credentials exist (``WANDB_API_KEY`` or a netrc entry for the W&B
@@ -17,8 +25,10 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
 import sys
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlparse
 
 
@@ -40,6 +50,18 @@ def wandb_mode() -> str:
     if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
         return "disabled"
     return "online" if _has_credentials() else "offline"
+
+
+def run_name(method: str, dataset: str, fold: int | None, shot: int | None = None) -> str:
+    """``pfenet-synthetic-fold0`` (training), ``pfenet-synthetic-fold0-1shot`` (an evaluation)."""
+    name = f"{method}-{dataset}" + (f"-fold{fold}" if fold is not None else "")
+    return name + (f"-{shot}shot" if shot is not None else "")
+
+
+def model_artifact_name(method: str, dataset: str, backbone: str, shot: Any, fold: int) -> str:
+    """The W&B artifact of a run's selected weights (the same name for training and evaluation)."""
+    raw = f"model-{method}-{dataset}-{backbone}-{shot}shot-fold{fold}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", raw)[:128]
 
 
 class Tracker:
@@ -139,6 +161,56 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001
             self._fail("image logging", exc)
 
+    def define_metric(self, name: str, **options: Any) -> None:
+        """``wandb.define_metric`` (e.g. ``summary="max"``: the summary holds the best value)."""
+        if self.run is None:
+            return
+        try:
+            self.run.define_metric(name, **options)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("define_metric", exc)
+
+    def table(self, key: str, columns: Sequence[str] | None = None, rows: Sequence[Sequence[Any]] | None = None, *,
+              frame: Any = None) -> None:
+        """Log a ``wandb.Table`` from ``columns`` and ``rows``, or from a pandas ``frame``."""
+        if self.run is None:
+            return
+        try:
+            if frame is not None:
+                table = self._wandb.Table(dataframe=frame)
+            else:
+                table = self._wandb.Table(columns=list(columns or []), data=[list(r) for r in rows or []])
+            self.run.log({key: table})
+        except Exception as exc:  # noqa: BLE001
+            self._fail("table logging", exc)
+
+    def _reference(self, path: Path, name: str, metadata: Mapping[str, Any] | None):
+        artifact = self._wandb.Artifact(name, type="model", metadata=dict(metadata or {}))
+        artifact.add_reference(Path(path).resolve().as_uri(), name=Path(path).name)
+        return artifact
+
+    def log_model(self, path: str | os.PathLike, name: str, metadata: Mapping[str, Any] | None = None) -> None:
+        """Log the weights file ``path`` as the ``model`` artifact ``name`` (a reference: path and checksum)."""
+        if self.run is None or not Path(path).is_file():
+            return
+        try:
+            self.run.log_artifact(self._reference(Path(path), name, metadata))
+        except Exception as exc:  # noqa: BLE001
+            self._fail("artifact logging", exc)
+
+    def use_model(self, path: str | os.PathLike, name: str) -> None:
+        """Mark the ``model`` artifact ``name`` of the weights file ``path`` as this run's input
+        (online; offline, where W&B refuses it, the name goes into the run's config)."""
+        if self.run is None or not Path(path).is_file():
+            return
+        try:
+            if self.mode == "offline":
+                self.run.config.update({"model_artifact": name}, allow_val_change=True)
+            else:
+                self.run.use_artifact(self._reference(Path(path), name, None))
+        except Exception as exc:  # noqa: BLE001
+            self._fail("artifact use", exc)
+
     def finish(self, exit_code: int = 0) -> None:
         run, self.run = self.run, None
         if run is None:
@@ -147,3 +219,46 @@ class Tracker:
             run.finish(exit_code=exit_code)
         except Exception as exc:  # noqa: BLE001
             self._warn(f"warning: W&B finish failed ({type(exc).__name__}); the run's own files are complete.")
+
+
+def start_training(config, *, enabled: bool, run_id: str | None, warn: Callable[[str], None]) -> Tracker:
+    """The W&B run of ``fss train`` (a RunConfig); its summary keeps the best validation check."""
+    tracker = Tracker(
+        enabled=enabled, project=config.tracking.project, entity=config.tracking.entity, group=config.group,
+        job_type="train", name=run_name(config.method, config.dataset, config.fold), config=config.to_dict(),
+        run_id=run_id, init_timeout=config.tracking.init_timeout, warn=warn,
+    )
+    tracker.define_metric("val/miou", summary="max")
+    tracker.define_metric("val/fb_iou", summary="max")
+    return tracker
+
+
+def log_evaluation(tracker: Tracker, report: Mapping[str, Any], class_names: Mapping[int, str]) -> None:
+    """An evaluation report: mIoU / FB-IoU (summary and history), the per-class IoU as a
+    table with class names and the per-run (seed) results as a table."""
+    tracker.summary({"miou": report["miou"], "fb_iou": report["fb_iou"], "episodes": report["episodes"],
+                     **({"miou_std": report["miou_std"]} if "miou_std" in report else {})})
+    tracker.log({"miou": report["miou"], "fb_iou": report["fb_iou"]})
+    episodes = report.get("class_episodes", {})
+    tracker.table("class_iou", ["class_id", "class", "fold", "shot", "iou", "episodes"], [
+        [int(k), class_names.get(int(k), str(k)), report["fold"], report["shot"], v, episodes.get(k)]
+        for k, v in sorted(report["class_iou"].items(), key=lambda kv: int(kv[0]))])
+    tracker.table("runs", ["seed", "fold", "shot", "miou", "fb_iou", "episodes"], [
+        [r["seed"], report["fold"], report["shot"], r["miou"], r["fb_iou"], r["episodes"]] for r in report["runs"]])
+
+
+def log_aggregate(tracking, out: str | os.PathLike, warn: Callable[[str], None]) -> None:
+    """One ``aggregate`` W&B run with the tables ``fss aggregate`` wrote to ``out``: the
+    paper's mIoU and FB-IoU tables and ``results`` (one row per fold evaluation)."""
+    import pandas as pd
+
+    tracker = Tracker(enabled=tracking.wandb, project=tracking.project, entity=tracking.entity,
+                      job_type="aggregate", name="aggregate", init_timeout=tracking.init_timeout, warn=warn,
+                      config={"out": str(out)})
+    if not tracker.active:
+        return
+    for name in ("table_miou", "table_fbiou", "results"):
+        path = Path(out) / f"{name}.csv"
+        if path.is_file():
+            tracker.table(name, frame=pd.read_csv(path))
+    tracker.finish()

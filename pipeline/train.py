@@ -399,7 +399,7 @@ def train_run(
     of another configuration, code, backbone weights or data is emptied instead of refused.
     """
     from pipeline import distributed as D
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import start_training
 
     t = setup(config, out, say or (lambda m: None), restart_on_change=restart_on_change)
     state = resume_or_start(t)
@@ -407,11 +407,8 @@ def train_run(
         t.say(f"{out} was already trained ({t.total} iterations); writing its final files.")
     t.net = D.wrap_model(t.model, t.ctx, t.device, find_unused_parameters=config.train.ddp_find_unused_parameters,
                          sync_batchnorm=config.train.sync_batchnorm)
-    t.tracker = Tracker(
-        enabled=config.tracking.wandb and t.ctx.is_main, project=config.tracking.project, entity=config.tracking.entity,
-        group=config.group, job_type="train", name=f"fold{config.fold}", config=config.to_dict(),
-        run_id=_wandb_id(t.run), init_timeout=config.tracking.init_timeout, warn=t.say,
-    )
+    t.tracker = start_training(config, enabled=config.tracking.wandb and t.ctx.is_main, run_id=_wandb_id(t.run),
+                               warn=t.say)
     _save_wandb_id(t.run, t.tracker)
     val_every = config.validation.every
     steps = range(state.iteration, t.total)
@@ -459,6 +456,7 @@ def finish(t: Trainer, state: TrainState, plots_dir) -> dict:
     """Final model files, empty val.csv without validation, plot copies and W&B summary."""
     from pipeline import distributed as D
     from pipeline import runs as R
+    from pipeline.tracking import model_artifact_name
 
     if not t.ctx.is_main:  # torchrun: rank 0 writes the final files; the others wait for it
         D.barrier(t.ctx)
@@ -474,6 +472,8 @@ def finish(t: Trainer, state: TrainState, plots_dir) -> dict:
         for name in (R.CURVES_FILE, R.VAL_FILE):
             R.atomic_write_text(Path(plots_dir) / name, run.file(name).read_text())
     t.tracker.summary({"final/" + k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    t.tracker.log_model(run.file(R.MODEL_SELECTED), model_artifact_name(
+        t.config.method, t.config.dataset, t.config.backbone, t.config.shot, t.config.fold), metadata=summary)
     t.tracker.finish()
     D.barrier(t.ctx)
     return summary
@@ -567,6 +567,7 @@ def train_command(
     params: Optional[Path] = typer.Option(None, help="Params file (default ./params.yaml, else the repository's)."),
     plots_dir: Optional[Path] = typer.Option(None, help="Also copy curves.csv and val.csv here at the end (DVC plots)."),
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="Testing: checkpoint and stop after N iterations."),
+    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Log to W&B (the same as --set tracking.wandb=true/false)."),
     restart_on_change: bool = typer.Option(
         False, "--restart-on-change",
         help="When OUT holds a run of another config, code, backbone weights or data, empty it and start afresh "
@@ -583,7 +584,8 @@ def train_command(
     try:
         config = resolve_run_config(
             method=method, dataset=dataset, fold=fold, shot=shot, backbone=backbone, iterations=iterations,
-            epochs=epochs, device=device, set_values=set_, params_path=params,
+            epochs=epochs, device=device, params_path=params,
+            set_values=[*(set_ or []), *([f"tracking.wandb={str(wandb).lower()}"] if wandb is not None else [])],
         )
         summary = train_run(config, out, stop_after=stop_after, track=None if follower else track, plots_dir=plots_dir,
                             restart_on_change=restart_on_change,

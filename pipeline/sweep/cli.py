@@ -82,7 +82,7 @@ def _say_console() -> Say:
 
 
 def _spawn_workers(spec_path: Path, name: str, storage_url: str, workers: int, n_trials: Optional[int],
-                   grace: float, heartbeat: float, say: Say) -> int:
+                   grace: float, heartbeat: float, say: Say, wandb: Optional[bool] = None) -> int:
     """Start ``workers`` processes on one storage (one GPU each when several are visible)."""
     try:
         gpus = torch.cuda.device_count() if "CUDA_VISIBLE_DEVICES" not in os.environ else 0
@@ -99,6 +99,8 @@ def _spawn_workers(spec_path: Path, name: str, storage_url: str, workers: int, n
                "--heartbeat", str(heartbeat)]
         if n_trials is not None:
             cmd += ["--n-trials", str(n_trials)]
+        if wandb is not None:
+            cmd += ["--wandb" if wandb else "--no-wandb"]
         procs.append(subprocess.Popen(cmd, env=env))
         say(f"worker {i + 1}/{workers} started (pid {procs[-1].pid})")
     codes = []
@@ -125,6 +127,8 @@ def run_command(
     workers: int = typer.Option(1, help="Worker processes on this machine (several need a journal file or a server)."),
     grace: float = typer.Option(600.0, help="Seconds without heartbeat after which another machine's RUNNING trial is dead."),
     heartbeat: float = typer.Option(30.0, help="Seconds between heartbeats of a running trial."),
+    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Log each trial as a W&B run grouped by "
+                                                                         "study (default: the study's tracking.wandb)."),
 ) -> None:
     """Run (or continue) a study: every grid point once, or a sampler up to its budget."""
     if workers < 1:
@@ -141,13 +145,13 @@ def run_command(
     store = open_storage(url, create_dirs=storage is None)
     opened = open_study(spec, store, url, name, say=say)
     if workers > 1:
-        code = _spawn_workers(study_file, name, url, workers, n_trials, grace, heartbeat, say)
+        code = _spawn_workers(study_file, name, url, workers, n_trials, grace, heartbeat, say, wandb)
         typer.echo(json.dumps(_summary(opened, url), sort_keys=True, default=str))
         if code:
             raise typer.Exit(code if code > 0 else 1)
         return
     try:
-        ran = work(opened, store, spec, n_trials=n_trials, grace=grace, heartbeat=heartbeat, say=say)
+        ran = work(opened, store, spec, n_trials=n_trials, grace=grace, heartbeat=heartbeat, say=say, wandb=wandb)
     except TrialStopped:
         say("interrupted: the running trial is queued again; rerun the same command to continue.")
         raise typer.Exit(130)

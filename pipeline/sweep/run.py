@@ -145,15 +145,18 @@ def run_point(spec: StudySpec, point: Mapping[str, Any], trial_dir: Path, *,
 def _trial_tracker(spec: StudySpec, point: Mapping[str, Any], name: str, say: Say, *, force: bool | None = None):
     config = resolve_trial_config(spec, point, spec.folds[0], spec.shots[0])
     enabled = config.tracking.wandb if force is None else force
-    return Tracker(
+    tracker = Tracker(
         enabled=enabled, project=config.tracking.project, entity=config.tracking.entity, group=spec.name,
-        job_type="sweep-trial", name=name, init_timeout=config.tracking.init_timeout, warn=say,
+        job_type="sweep-trial", name=f"{spec.name}-{name}", init_timeout=config.tracking.init_timeout, warn=say,
         config={"study": spec.name, "method": spec.method, "dataset": spec.dataset, "folds": list(spec.folds),
                 "shots": list(spec.shots), **{k: v for k, v in point.items()}},
     )
+    tracker.define_metric("val/miou", summary="max")  # logged at each validation check (W&B early termination)
+    return tracker
 
 
-def execute_trial(study, storage, trial, spec: StudySpec, *, heartbeat: float, say: Say) -> str:
+def execute_trial(study, storage, trial, spec: StudySpec, *, heartbeat: float, say: Say,
+                  wandb: bool | None = None) -> str:
     """Run one claimed trial to its end state; returns COMPLETE / PRUNED / FAIL / DUPLICATE."""
     frozen = storage.get_trial(trial._trial_id)
     set_attr = lambda k, v: storage.set_trial_user_attr(trial._trial_id, k, v)  # noqa: E731
@@ -175,7 +178,7 @@ def execute_trial(study, storage, trial, spec: StudySpec, *, heartbeat: float, s
     run_dir = frozen.user_attrs.get("fss_run_dir") or str(spec.output / f"trial-{trial.number:04d}-{point_slug(point)}")
     set_attr("fss_run_dir", run_dir)
     say(f"trial {trial.number}: {key} -> {run_dir}")
-    tracker = _trial_tracker(spec, point, f"trial-{trial.number}", say)
+    tracker = _trial_tracker(spec, point, f"trial-{trial.number}", say, force=wandb)
 
     def report(step: int, miou: float) -> None:
         tracker.log({"val/miou": miou}, step=step)
@@ -225,7 +228,7 @@ def execute_trial(study, storage, trial, spec: StudySpec, *, heartbeat: float, s
 
 
 def work(study, storage, spec: StudySpec, *, n_trials: int | None = None, grace: float = 600.0,
-         heartbeat: float = 30.0, say: Say = quiet) -> dict:
+         heartbeat: float = 30.0, say: Say = quiet, wandb: bool | None = None) -> dict:
     """One worker: recover dead trials, then claim and run trials until the study is done."""
     ran = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "DUPLICATE": 0}
     budget = n_trials if (n_trials is not None and spec.mode == "tune") else spec.n_trials
@@ -245,6 +248,6 @@ def work(study, storage, spec: StudySpec, *, n_trials: int | None = None, grace:
             if c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= budget:
                 break
             trial = study.ask()
-        ran[execute_trial(study, storage, trial, spec, heartbeat=heartbeat, say=say)] += 1
+        ran[execute_trial(study, storage, trial, spec, heartbeat=heartbeat, say=say, wandb=wandb)] += 1
     return ran
 

@@ -63,5 +63,10 @@ def wandb_sweep(spec: StudySpec, study_file: str | None = None) -> dict:
     if spec.wandb.get("project"):
         config["project"] = spec.wandb["project"]
     if spec.mode == "tune" and spec.pruner.get("name", "none") != "none":
-        config["early_terminate"] = {"type": "hyperband", "min_iter": int(spec.pruner.get("min_resource", 1) or 1)}
+        # W&B's hyperband watches the sweep's metric at each logged step: 'objective' is logged
+        # once, at the end, so early termination watches val/miou, logged at every validation
+        # check during training (its summary, with define_metric's max, is the best check)
+        config["metric"] = {"name": "val/miou", "goal": "maximize"}
+        config["early_terminate"] = {"type": "hyperband",
+                                     "min_iter": max(1, int(spec.pruner.get("n_warmup_steps", 0) or 0) + 1)}
     return config

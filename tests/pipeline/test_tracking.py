@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,7 @@ from pipeline.tracking import Tracker, wandb_mode
 from pipeline.train import train_run
 
 from pipeline_helpers import tiny_sets
+from wandb_records import OfflineRun
 
 
 def test_mode_follows_the_environment(monkeypatch, tmp_path):
@@ -73,54 +76,136 @@ def test_an_unreachable_wandb_server_turns_tracking_off_within_seconds(tmp_path,
     assert not active and len(warnings) == 1 and warnings[0].startswith("warning: W&B init failed")
 
 
-def _wait_for_records(path, keys, timeout=30.0):
-    """The .wandb log holds protobuf records (keys as plain strings); the W&B service may
-    still be flushing it when finish() returns, so poll for a while."""
-    deadline = time.monotonic() + timeout
-    while True:
-        data = path.read_bytes()
-        missing = [k for k in keys if k not in data]
-        if not missing or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert not missing, (missing, len(data))
-
-
 @pytest.mark.slow
-def test_offline_train_and_evaluate_write_wandb_runs(synthetic_root, tmp_path, monkeypatch):
+def test_offline_train_evaluate_and_aggregate_write_wandb_runs(synthetic_root, tmp_path, monkeypatch):
+    """Real offline runs, read back from their record logs: names with method, dataset and
+    fold; the summary's val/miou is the best check (define_metric); the selected weights as a
+    model artifact that the evaluation names; per-class IoU as a table with class names; the
+    paper table of fss aggregate as a table."""
+    import torch
+
+    from pipeline.aggregate import aggregate
+    from pipeline.evaluate import evaluate_one, make_protocol
+    from pipeline.tracking import log_aggregate
+    from pipeline.train_data import open_split
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    config = resolve_run_config(method="pfenet", dataset="synthetic", fold=1, shot=1, iterations=2, device="cpu",
-                                set_values=tiny_sets(synthetic_root, **{"tracking.wandb": True}), params_path=REPO_PARAMS)
+    config = resolve_run_config(method="pfenet", dataset="synthetic", fold=1, shot=1, iterations=4, device="cpu",
+                                set_values=tiny_sets(synthetic_root, **{"tracking.wandb": True, "validation.every": 1}),
+                                params_path=REPO_PARAMS)
     out = tmp_path / "run"
     warnings: list[str] = []
     train_run(config, out, say=lambda m: warnings.append(m) if m.startswith("warning") else None)
     run_id = (out / "wandb_run_id.txt").read_text().strip()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].name.endswith(run_id)
-    logs = list(runs[0].glob("*.wandb"))
-    assert len(logs) == 1, "the offline run holds no .wandb log"
-    _wait_for_records(logs[0], (b"train/loss", b"train/lr", b"val/miou", b"final/iterations",
-                                b"pfenet-synthetic-small-1shot"))
-
-    from pipeline.evaluate import evaluate_one, make_protocol
-    from pipeline.train_data import open_split
-
-    import torch
+    train = OfflineRun(runs[0])
+    assert train.name == "pfenet-synthetic-fold1" and train.config["tracking"]["wandb"] is True
+    assert len(train.history("train/loss")) == 4 and len(train.history("train/lr")) == 4
+    checks = train.history("val/miou")
+    assert len(checks) == 4 and train.summary["val/miou"] == {"max": max(checks)}  # the best, not the last
+    assert [m.summary.max for m in train.of("metric") if m.name == "val/miou"] == [True]
+    assert train.summary["final/iterations"] == 4
+    model = next(a for a in train.of("artifact") if a.type == "model")
+    assert model.name == "model-pfenet-synthetic-small-1shot-fold1"
+    assert [e.ref for e in model.manifest.contents] == [(out / "model.pt").resolve().as_uri()]  # a reference
 
     report = evaluate_one(
         model_path=out / "model.pt", selection="last", method_meta=None, data=open_split(config, "val"),
         dataset="synthetic", fold=1, shot=1, protocol=make_protocol("pfenet", "synthetic", episodes=4, size=33),
         device=torch.device("cpu"), batch_size=2, num_workers=0, precision="fp32", ways=1,
-        out=tmp_path / "eval.json", figure=None, figure_episodes=0, tracking=config.tracking, run_dir=out,
+        out=tmp_path / "evals" / "eval.json", figure=None, figure_episodes=0, tracking=config.tracking, run_dir=out,
         group_shot=1, say=warnings.append,
     )
     assert warnings == []
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2
-    newest = next(r for r in runs if not r.name.endswith(run_id))
-    keys = (b"miou", b"fb_iou", b"class_iou/6", b"predictions", b"evaluate", b"fold1-1shot")
-    _wait_for_records(next(newest.glob("*.wandb")), keys)
-    assert any(newest.rglob("*.png")), "the sample predictions were not logged as images"
-    assert 0.0 <= report["miou"] <= 1.0
+    evaluation = OfflineRun(next(r for r in runs if not r.name.endswith(run_id)))
+    assert evaluation.name == "pfenet-synthetic-fold1-1shot"
+    assert evaluation.summary["miou"] == pytest.approx(report["miou"])
+    assert evaluation.config["model_artifact"] == model.name  # offline: W&B refuses use_artifact
+    table = evaluation.table("class_iou")
+    names = open_split(config, "val").meta["class_names"]
+    assert table["columns"] == ["class_id", "class", "fold", "shot", "iou", "episodes"]
+    assert {row[0]: row[1] for row in table["data"]} == {int(k): names[int(k) - 1] for k in report["class_iou"]}
+    assert [row[4] for row in table["data"]] == pytest.approx([report["class_iou"][str(row[0])] for row in table["data"]])
+    assert evaluation.table("runs")["data"][0][3] == pytest.approx(report["runs"][0]["miou"])
+    assert any(evaluation.dir.rglob("*.png")), "the sample predictions were not logged as images"
+
+    aggregate(tmp_path / "evals", tmp_path / "results")
+    log_aggregate(config.tracking, tmp_path / "results", warn=warnings.append)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3 and warnings == []
+    tables = OfflineRun(max(runs, key=lambda r: r.stat().st_mtime))
+    assert tables.name == "aggregate"
+    paper = tables.table("table_miou")
+    assert "Method" in paper["columns"] and paper["data"][0][paper["columns"].index("Method")] == "pfenet"
+    assert len(tables.table("results")["data"]) == 1
+
+
+def test_wandb_flag_of_every_tracking_command_turns_tracking_on(monkeypatch, tmp_path, capsys):
+    """--wandb is --set tracking.wandb=true for train, and turns tracking on for evaluate's
+    runs, aggregate's tables and a sweep's trials (the commands stop right after parsing)."""
+    import pipeline.sweep.cli as sweep_cli
+    import pipeline.tracking as tracking
+    import pipeline.train as train
+
+    from pipeline_helpers import run_fss
+
+    seen = {}
+
+    def fake_train_run(config, out, **kwargs):
+        seen["train"] = config.tracking.wandb
+        return {"status": "done"}
+
+    monkeypatch.setattr(train, "train_run", fake_train_run)
+    for flag, expected in (("--wandb", True), ("--no-wandb", False)):
+        code, _, err = run_fss(["train", "--method", "pfenet", "--dataset", "synthetic", "--fold", "0",
+                                "--out", tmp_path / "r", flag], capsys)
+        assert code == 0 and seen.pop("train") is expected, err
+    code, _, err = run_fss(["train", "--method", "pfenet", "--dataset", "synthetic", "--fold", "0",
+                            "--out", tmp_path / "r", "--set", "tracking.wandb=true"], capsys)
+    assert code == 0 and seen.pop("train") is True, err
+
+    monkeypatch.setattr(tracking, "log_aggregate", lambda t, out, warn: seen.update(aggregate=t.wandb))
+    monkeypatch.setattr("pipeline.aggregate.aggregate", lambda runs, out: {"evaluations": 0})
+    (tmp_path / "table_miou.md").write_text("")
+    code, _, err = run_fss(["aggregate", "--runs", tmp_path, "--out", tmp_path, "--wandb"], capsys)
+    assert code == 0 and seen.pop("aggregate") is True, err
+
+    monkeypatch.setattr(sweep_cli, "work", lambda *a, **kw: seen.update(sweep=kw["wandb"]) or Counter())
+    monkeypatch.setattr(sweep_cli, "open_study", lambda *a, **kw: None)
+    monkeypatch.setattr(sweep_cli, "_summary", lambda *a, **kw: {})
+    study = Path(__file__).resolve().parents[2] / "sweeps" / "embedded_apanet_lambda.yaml"
+    code, _, err = run_fss(["sweep", "run", study, "--storage", tmp_path / "s.db", "--wandb"], capsys)
+    assert code == 0 and seen.pop("sweep") is True, err
+    assert "--wandb" in run_fss(["evaluate", "--help"], capsys)[1]
+
+
+def test_online_evaluation_uses_the_training_runs_model_artifact(monkeypatch, tmp_path):
+    """Online (faked: no server here), the evaluation run declares the same reference
+    artifact training logs as its input; W&B then links evaluation and checkpoint."""
+    import wandb
+
+    used = []
+
+    class FakeRun:
+        id, dir, config = "abc", str(tmp_path), None
+
+        def use_artifact(self, artifact):
+            used.append(artifact)
+
+        def finish(self, exit_code=0):
+            pass
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: FakeRun())
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"weights")
+    t = Tracker(enabled=True, project="p", job_type="evaluate", name="n", warn=pytest.fail)
+    t.use_model(weights, "model-pfenet-synthetic-small-1shot-fold0")
+    t.finish()
+    (artifact,) = used
+    assert artifact.name == "model-pfenet-synthetic-small-1shot-fold0" and artifact.type == "model"
+    assert [e.ref for e in artifact.manifest.entries.values()] == [weights.as_uri()]

@@ -202,3 +202,27 @@ def test_trial_command_runs_one_point_from_wandb_args(tmp_path, sweep_data, caps
     assert result["point"] == {"knobs.lam": 1.0} and result["objective"] == pytest.approx(report["miou"])
     code, _, err = run_cli(["sweep", "trial", path, "knobs.lam=0.3"], capsys)
     assert code == 2 and "not in the study's values" in err
+
+
+def test_wandb_trial_logs_the_metric_its_early_termination_watches(tmp_path, sweep_data, capsys, monkeypatch):
+    """The W&B sweep file of a study with a pruner stops runs on val/miou; an offline
+    `fss sweep trial` logs it at every validation check, its summary keeping the best."""
+    from pipeline.sweep.study import load_study
+    from pipeline.sweep.wandb_file import wandb_sweep
+    from tests.pipeline.wandb_records import OfflineRun
+
+    path = write_study(tmp_path / "tune.yaml", sweep_data, iterations=3, extra_set={"validation.every": 1},
+                       params={"knobs.lam": {"low": 0.0, "high": 1.0}}, mode="tune", n_trials=2,
+                       sampler={"name": "tpe", "seed": 0}, pruner={"name": "median", "n_warmup_steps": 1})
+    sweep = wandb_sweep(load_study(path))
+    assert sweep["metric"] == {"name": "val/miou", "goal": "maximize"}
+    assert sweep["early_terminate"] == {"type": "hyperband", "min_iter": 2}
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    code, _, err = run_cli(["sweep", "trial", path, "knobs.lam=0.25"], capsys)
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    run = OfflineRun(run_dir)
+    checks = run.history("val/miou")
+    assert run.name == "tune-lam-0.25" and len(checks) == 3
+    assert run.summary["val/miou"] == {"max": max(checks)} and "objective" in run.summary
