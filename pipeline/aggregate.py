@@ -8,7 +8,10 @@ fractions). From it, with pandas:
   is over the folds present; a table with missing folds says so.
 * ``table_fbiou.{md,tex,csv}``: FB-IoU (%) per setting, mean over folds.
 * ``chart_miou.png``: mean mIoU per method and setting.
-* ``summary.json``: mean mIoU / FB-IoU per method and setting (DVC metrics).
+* ``summary.json``: mean mIoU / FB-IoU (%) per method and setting, keyed by table.
+* ``metrics/<dataset>-<backbone>-<protocol>/<row>-<K>shot.json``: one small file per table
+  row and shot (method, shot, folds, mean mIoU and FB-IoU as fractions), the DVC metrics of
+  the aggregate stage (one short row each in ``dvc metrics show``).
 
 One table per (dataset, backbone, protocol); rows are methods, suffixed with "(imported)"
 for released checkpoints evaluated with ``--model`` and with the training shot when a model
@@ -266,8 +269,37 @@ def aggregate(runs: str | Path, out: str | Path) -> dict:
     label, means = chart_tables[0]
     results_chart(means, out / "chart_miou.png", title=f"mIoU — {label}")
     write_json(out / "summary.json", summary)
+    _write_metrics(df, out / "metrics")
     return {"evaluations": len(df), "groups": len(groups), "out": str(out),
             "files": sorted(p.name for p in out.iterdir() if p.is_file())}
+
+
+def metrics_rows(df) -> dict[str, dict]:
+    """Per table row and shot, the mean over the folds present of mIoU and FB-IoU (fractions),
+    keyed by the file's path under ``metrics/`` (``synthetic-small-pfenet/apanet-1shot.json``)."""
+    rows = {}
+    key = ["dataset", "backbone", "protocol", "method", "variant", "train_shot", "shot"]
+    for (dataset, backbone, protocol, method, variant, train_shot, shot), g in df.groupby(key, dropna=False, sort=True):
+        name = method + ("" if variant == "trained" else f"-{variant}")
+        if not (isinstance(train_shot, float) and math.isnan(train_shot)) and int(train_shot) != 1:
+            name += f"-trained{int(train_shot)}shot"
+        rows[f"{dataset}-{backbone}-{protocol}/{name}-{int(shot)}shot.json"] = {
+            "method": method, "shot": int(shot), "folds": int(g["fold"].nunique()),
+            "miou": float(g["miou"].mean()), "fb_iou": float(g["fb_iou"].mean())}
+    return rows
+
+
+def _write_metrics(df, directory: Path) -> None:
+    """The files of :func:`metrics_rows` under ``directory``; older .json files there are removed."""
+    from pipeline.runs import write_json
+
+    rows = metrics_rows(df)
+    for old in directory.rglob("*.json") if directory.is_dir() else []:
+        if old.relative_to(directory).as_posix() not in rows:
+            old.unlink()
+    for name, row in rows.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        write_json(directory / name, row)
 
 
 def aggregate_command(

@@ -53,6 +53,7 @@ def _dvc_repo(work: Path, params: dict, env: dict, *, with_code: bool = True) ->
         for name in ("fss", "pipeline", "sweeps"):
             shutil.copytree(REPO / name, work / name, ignore=ignore)
     shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", work / ".gitignore")
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], work, env)
     _run([DVC, "init", "-q"], work, env)
@@ -61,7 +62,9 @@ def _dvc_repo(work: Path, params: dict, env: dict, *, with_code: bool = True) ->
 
 @pytest.mark.slow
 def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
-    """The tiny grid end to end: every stage runs, a second repro is a no-op, one knob invalidates one stage."""
+    """The tiny grid end to end: every stage runs, a second repro is a no-op, metrics and curves
+    are in git and the other outputs in the DVC remote, one knob invalidates one stage, and an
+    experiment shows in `dvc exp show` and `dvc plots diff` next to the baseline."""
     work = _dvc_repo(tmp_path / "repo", _tiny_params(), subprocess_env)
 
     stages = _run([DVC, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
@@ -90,6 +93,7 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
 
     second = _run([DVC, "repro"], work, subprocess_env)
     assert "Running stage" not in second.stdout and "up to date" in second.stdout
+    _metrics_travel_with_git_and_the_remote(work, tmp_path, subprocess_env)
 
     # a knob of one method invalidates that method's stages only
     params = yaml.safe_load((work / "params.yaml").read_text())
@@ -100,6 +104,53 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
     dry = _run([DVC, "repro", "--dry"], work, subprocess_env).stdout
     ran = [line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")]
     assert "train@panet-0" in ran and not any("pfenet" in s for s in ran)
+    _run(["git", "checkout", "params.yaml"], work, subprocess_env)
+
+    # an experiment: `dvc exp show` lists mIoU for it and for the baseline commit
+    exp = _run([DVC, "exp", "run", "-S", "methods.panet.knobs.lambda_par=0.5"], work, subprocess_env).stdout
+    ran = [line.split("'")[1] for line in exp.splitlines() if line.startswith("Running stage")]
+    assert ran == ["train@panet-0", "evaluate@panet-0", "aggregate"], exp[-3000:]
+    (baseline,) = [r for r in json.loads(_run([DVC, "exp", "show", "--json"], work, subprocess_env).stdout)
+                   if r["rev"] != "workspace"]
+    (experiment,) = [rev for e in baseline["experiments"] for rev in e["revs"]]
+    for row, lam in ((baseline, 1.0), (experiment, 0.5)):
+        assert row["data"]["params"]["params.yaml"]["data"]["methods"]["panet"]["knobs"]["lambda_par"] == lam
+        for k in (1, 5):
+            metrics = row["data"]["metrics"][f"evals/panet/fold0-{k}shot.metrics.json"]["data"]
+            assert 0.0 <= metrics["miou"] <= 1.0 and metrics["shot"] == k
+    # the training curves of both revisions, in one plot per file
+    plots = json.loads(_run([DVC, "plots", "diff", "HEAD", experiment["name"], "--json"], work, subprocess_env).stdout)
+    assert not plots.get("errors"), plots["errors"]
+    (curves,) = plots["data"]["plots/train/panet-fold0/curves.csv"]
+    assert {row["rev"] for row in curves["content"]["data"]["values"]} == {"HEAD", experiment["name"]}
+
+
+def _metrics_travel_with_git_and_the_remote(work: Path, tmp_path: Path, env: dict) -> None:
+    """Small metrics and curves are in git; the reports, tables, runs and data in the DVC remote:
+    `dvc metrics show` prints short rows, and a fresh clone's `dvc pull` restores every output."""
+    shown = json.loads(_run([DVC, "metrics", "show", "--json"], work, env).stdout)
+    files = shown[""]["data"] if "" in shown else next(iter(shown.values()))["data"]
+    assert sorted(files) == sorted(
+        [f"evals/{m}/fold0-{k}shot.metrics.json" for m in METHODS for k in (1, 5)]
+        + [f"results/metrics/synthetic-small-pfenet/{m}-{k}shot.json" for m in METHODS for k in (1, 5)])
+    for name, row in files.items():
+        assert 0.0 <= row["data"]["miou"] <= 1.0 and len(row["data"]) <= 6, (name, row)
+    _run([DVC, "remote", "add", "-d", "local", str(tmp_path / "remote")], work, env)
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], work, env)
+    tracked = set(_run(["git", "ls-files"], work, env).stdout.split())
+    assert {"dvc.lock", "evals/panet/fold0-1shot.metrics.json", "plots/train/panet-fold0/curves.csv"} <= tracked
+    assert not any(f.startswith("runs/") or f.endswith((".png", ".pt")) or f == "evals/panet/fold0-1shot.json"
+                   for f in tracked), sorted(tracked)
+    _run([DVC, "push"], work, env)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(work), str(clone)], tmp_path, env)
+    _run([DVC, "pull"], clone, env)
+    for f in ("evals/panet/fold0-5shot.json", "evals/pfenet/fold0-1shot.png", "results/table_miou.md",
+              "results/chart_miou.png", "runs/pfenet/fold0/model.pt", "pretrained/small-fold0.pt",
+              "results/sweeps/embedded_apanet_lambda/table.md"):
+        assert (clone / f).read_bytes() == (work / f).read_bytes(), f
+    assert "up to date" in _run([DVC, "status"], clone, env).stdout
 
 
 def test_real_data_grid_has_no_synthetic_stages(tmp_path, subprocess_env, monkeypatch):
