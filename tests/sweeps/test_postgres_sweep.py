@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 
 from pipeline.sweep.storage import open_storage
 
-from conftest import FSS, write_study
+from tests.pipeline.pipeline_helpers import run_fss as run_cli
+from tests.sweeps.conftest import FSS, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -56,8 +57,6 @@ def _kill_mid_trial(victim: subprocess.Popen, other: subprocess.Popen, url: str,
 
 
 def test_two_workers_share_a_grid_through_postgresql(tmp_path, sweep_data, subprocess_env, postgres_url, capsys):
-    from test_sweep_files import run_cli
-
     path = write_study(tmp_path / "pg.yaml", sweep_data, iterations=30, extra_set={"train.checkpoint_every": 1},
                        params={"knobs.lam": {"values": list(VALUES)}})
     cmd = [FSS, "sweep", "run", str(path), "--storage", postgres_url, "--grace", "600"]
