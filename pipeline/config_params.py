@@ -22,7 +22,7 @@ from pipeline.config_schema import SECTIONS, section_keys
 #: top-level sections of params.yaml, and the keys of those read outside the run config
 #: (``benchmark`` and ``prepare`` by dvc.yaml; ``pretrain`` by :func:`resolve_params_section`)
 PARAMS_SECTIONS = ("benchmark", "prepare", "pretrain", "defaults", "methods", "datasets")
-BENCHMARK_KEYS = ("dataset", "root", "backbone", "weights", "methods", "folds", "pretrain_folds",
+BENCHMARK_KEYS = ("dataset", "root", "backbone", "weights", "methods", "folds", "pretrain_backbones",
                   "sweeps", "train_shot", "protocol", "device")
 PREPARE_KEYS = ("seed", "size", "train_images", "val_images")
 #: keys of one run-config layer (defaults, methods.M, datasets.D, methods.M.datasets.D)

@@ -1,23 +1,24 @@
-"""`fss pretrain`: the small backbone of the synthetic benchmark, per fold, on base classes only.
+"""`fss pretrain`: the small backbone of the synthetic benchmark, pretrained without any class label of it.
 
-The FSS methods start from a backbone pretrained elsewhere (ImageNet for the real
-datasets). The synthetic benchmark has no such set, and every synthetic class is novel in
-one fold, so a backbone trained on all classes would have seen the test classes' labels.
-Instead each fold gets its own backbone, trained by semantic segmentation of that fold's
-15 base classes + background on the fold's training list only:
+The FSS methods start from a backbone pretrained elsewhere (ImageNet for the real datasets).
+The synthetic benchmark has no such set, so this command makes one of two kinds
+(``--source``, params ``pretrain.source``):
 
-* images of ``lists/<convention>/fold<k>/train.txt`` (the base-class list the FSS methods
-  train on), resized to ``size x size``, random horizontal flips;
-* labels: base class c -> its index 1..15 among the base classes, everything else
-  (background, and novel-class pixels, exactly as in episodic base training where other
-  classes are background) -> 0, 255 kept as ignore;
-* a small head on ``layer4`` (3x3 conv 128 + BN + ReLU + 1x1 conv to 16 classes), logits
-  upsampled bilinearly to the label size, cross-entropy ignoring 255;
-* SGD (momentum 0.9), the training runs' poly learning rate (``fss.schedule.poly_lr``), a few epochs.
+* ``objects`` (the embedded default): a separate pool of synthetic images whose objects have
+  shapes no benchmark class has (``fss.data.synthetic.POOL_SHAPES``), labelled
+  class-agnostically (1 any object, 0 background, 255 ignored); ``images`` pool images of
+  nominal side ``image_size`` from their own random stream (``seed``). No benchmark image and
+  no benchmark class is seen, so one backbone serves every fold, as ImageNet does for PASCAL.
+* ``base_classes``: semantic segmentation of one fold's 15 base classes + background on the
+  fold's training list (``lists/<convention>/fold<k>/train.txt``); novel-class pixels are
+  background, exactly as in episodic base training. One backbone per fold (``--fold``).
 
-Only the backbone's weights are written (a plain state dict, atomically), loadable with
-``build_backbone("small", weights=FILE)``; a JSON report with the training loss and the
-training-set pixel accuracy / base-class mIoU is written next to it.
+Either way: images resized to ``size x size``, random horizontal flips; a small head on
+``layer4`` (3x3 conv 128 + BN + ReLU + 1x1 conv), logits upsampled bilinearly to the label
+size, cross-entropy ignoring 255; SGD (momentum 0.9) with the training runs' poly learning
+rate (``fss.schedule.poly_lr``). Only the backbone's weights are written (a plain state
+dict, atomically), loadable with ``build_backbone("small", weights=FILE)``; a JSON report
+with the loss and the training-set pixel accuracy / foreground mIoU is written next to it.
 """
 
 from __future__ import annotations
@@ -35,49 +36,67 @@ from torch import nn
 
 from fss.data.classes import check_dataset, check_fold
 from fss.data.prepared import PreparedDataset
+from fss.data.synthetic import POOL_SHAPES, object_pool_image
 from fss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fss.errors import ConfigError
 from fss.models.backbones import build_backbone, list_backbones
 from fss.models.checkpoints import atomic_torch_save
 from fss.schedule import poly_lr
 from pipeline.config import load_params, resolve_device
+from pipeline.config_params import resolve_params_section
 from pipeline.console import console, track as progress
 from pipeline.runs import write_json
 
-DEFAULTS = {"epochs": 6, "batch_size": 16, "lr": 0.02, "weight_decay": 1e-4, "momentum": 0.9, "size": 65,
-            "seed": 0, "power": 0.9, "channels_last": False}
+SOURCES = ("objects", "base_classes")
+DEFAULTS = {"source": "objects", "images": 800, "image_size": 48, "epochs": 6, "batch_size": 16, "lr": 0.02,
+            "weight_decay": 1e-4, "momentum": 0.9, "size": 65, "seed": 0, "power": 0.9, "channels_last": False}
+
+
+def _as_tensors(image, mask, lut: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One normalised ``[3,S,S]`` image (bilinear) and its ``[S,S]`` label through ``lut`` (nearest)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 255.0
+    img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)[0]
+    lab = torch.from_numpy(lut[mask])[None, None].float()
+    lab = F.interpolate(lab, size=(size, size), mode="nearest")[0, 0].long()
+    return (img - mean) / std, lab
 
 
 def load_split_tensors(data, base_classes: list[int], size: int, track: Callable | None = None):
-    """All images of a prepared split as normalised ``[N,3,S,S]`` and remapped labels ``[N,S,S]``."""
+    """All images of a prepared split as normalised ``[N,3,S,S]`` and labels ``[N,S,S]``:
+    base class c -> its index 1..len(base_classes), 255 kept, everything else 0."""
     lut = np.zeros(256, dtype=np.int64)
     for i, c in enumerate(base_classes):
         lut[c] = i + 1
     lut[255] = 255
-    images, labels = [], []
     indices = range(len(data))
     if track is not None:
         indices = track(indices, "load pretraining images", len(data))
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    for i in indices:
-        image, mask = data.load(i)
-        img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 255.0
-        img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)[0]
-        lab = torch.from_numpy(lut[mask])[None, None].float()
-        lab = F.interpolate(lab, size=(size, size), mode="nearest")[0, 0].long()
-        images.append((img - mean) / std)
-        labels.append(lab)
-    return torch.stack(images), torch.stack(labels)
+    pairs = [_as_tensors(*data.load(i), lut, size) for i in indices]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def object_pool_tensors(seed: int, images: int, image_size: int, size: int, track: Callable | None = None):
+    """The pretraining pool (``fss.data.synthetic.object_pool_image``) as ``[N,3,S,S]`` and object masks ``[N,S,S]``."""
+    lut = np.arange(256, dtype=np.int64)
+    indices = range(images)
+    if track is not None:
+        indices = track(indices, "draw the pretraining pool", images)
+    pairs = [_as_tensors(*object_pool_image(seed, i, image_size), lut, size) for i in indices]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
 def pretrain_backbone(
-    root: str | Path,
-    fold: int,
     out: str | Path,
     *,
+    source: str = DEFAULTS["source"],
+    root: str | Path | None = None,
+    fold: int | None = None,
     backbone: str = "small",
     convention: str | None = None,
+    images: int = DEFAULTS["images"],
+    image_size: int = DEFAULTS["image_size"],
     epochs: int = DEFAULTS["epochs"],
     batch_size: int = DEFAULTS["batch_size"],
     lr: float = DEFAULTS["lr"],
@@ -91,85 +110,96 @@ def pretrain_backbone(
     track: Callable | None = None,
     channels_last: bool = DEFAULTS["channels_last"],
 ) -> dict:
-    """Train a backbone on fold ``fold``'s base classes and write its weights to ``out``.
+    """Pretrain a backbone on ``source`` (module docstring) and write its weights to ``out``.
 
-    ``channels_last``: model and images in channels-last memory format (same arithmetic up to
-    float rounding; 75 s -> 69 s for one embedded fold on 2 CPU cores)."""
-    _check_knobs(epochs=epochs, batch_size=batch_size, size=size, lr=lr)
+    ``root``/``fold``/``convention``/``dataset`` are read for ``base_classes`` only; ``images``,
+    ``image_size`` for ``objects`` only. ``channels_last``: model and images in channels-last
+    memory format (same arithmetic up to float rounding, faster for tiny CPU maps)."""
+    _check_knobs(epochs=epochs, batch_size=batch_size, size=size, lr=lr, images=images, image_size=image_size)
     start = time.monotonic()
     dev = resolve_device(device)
-    data, images, labels = _load_fold(root, fold, convention, dataset, size, batch_size, track)
-    classes = len(data.base_classes) + 1
+    if source == "objects":
+        x_all, y_all = object_pool_tensors(seed, images, image_size, size, track)
+        classes, about = 2, _pool_about(seed, images, image_size)
+    elif source == "base_classes":
+        data, x_all, y_all = _load_fold(root, fold, convention, dataset, size, track)
+        classes, about = len(data.base_classes) + 1, _fold_about(data, fold)
+    else:
+        raise ConfigError(f"pretrain source={source!r} is unknown; choose one of: {', '.join(SOURCES)}.")
+    if x_all.shape[0] < batch_size:
+        raise ConfigError(f"pretrain batch_size={batch_size} exceeds the {x_all.shape[0]} pretraining images; lower it.")
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    # the seed is set before the model is built so that its initial weights are reproducible
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # before the model is built: its initial weights are reproducible
     model = _build_model(backbone, classes, dev, layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    n = images.shape[0]
-    per_epoch = n // batch_size
-    total = epochs * per_epoch
-    generator = torch.Generator().manual_seed(seed)
-
-    model.train()
-    losses = []
-    steps = range(total) if track is None else track(range(total), f"pretrain {backbone} fold {fold}", total)
-    order = None
-    for it in steps:
-        b = it % per_epoch
-        if b == 0:
-            order = torch.randperm(n, generator=generator)
-        x, y = _flipped_batch(images, labels, order[b * batch_size:(b + 1) * batch_size], generator)
-        for g in optimizer.param_groups:
-            g["lr"] = poly_lr(lr, it, total, power)
-        losses.append(_train_step(model, optimizer, x, y, dev, layout))
-
-    # training-set accuracy (a sanity check; there is no held-out base-class split)
-    pixel_accuracy, base_miou = _train_set_scores(model, images, labels, classes, dev, layout)
+    losses = _train(model, optimizer, x_all, y_all, epochs, batch_size, lr, power, seed, dev, layout,
+                    track, f"pretrain {backbone} on {source}")
+    pixel_accuracy, miou = _train_set_scores(model, x_all, y_all, classes, dev, layout)
     out = Path(out)
     atomic_torch_save({k: v.detach().cpu().contiguous() for k, v in model["backbone"].state_dict().items()}, out)
+    per_epoch = x_all.shape[0] // batch_size
     tail = losses[-max(1, per_epoch):]
-    run = {"images": n, "size": size, "epochs": epochs, "iterations": total, "batch_size": batch_size, "lr": lr,
-           "seed": seed, "channels_last": channels_last, "final_loss": sum(tail) / len(tail),
-           "train_pixel_accuracy": pixel_accuracy, "train_base_miou": base_miou,
-           "seconds": round(time.monotonic() - start, 2), "weights": str(out)}
-    report = _report(backbone, fold, data, run)
+    report = {"kind": "fss-pretrain", "backbone": backbone, "source": source, **about,
+              "size": size, "epochs": epochs, "iterations": len(losses), "batch_size": batch_size, "lr": lr,
+              "seed": seed, "channels_last": channels_last, "final_loss": sum(tail) / len(tail),
+              "train_pixel_accuracy": pixel_accuracy, "train_miou": miou,
+              "seconds": round(time.monotonic() - start, 2), "weights": str(out)}
     write_json(out.with_suffix(".json"), report)
     return report
 
 
-def _report(backbone: str, fold: int, data, run: dict) -> dict:
-    """The JSON report: what was trained on (dataset, fold, classes) first, then the run's knobs and scores."""
-    return {
-        "kind": "fss-pretrain",
-        "backbone": backbone,
-        "dataset": data.dataset,
-        "fold": fold,
-        "convention": data.convention,
-        "base_classes": list(data.base_classes),
-        "novel_classes_seen_as_background": list(data.novel_classes),
-        **run,
-    }
+def _train(model, optimizer, x_all, y_all, epochs, batch_size, lr, power, seed, dev, layout, track, label):
+    """``epochs`` shuffled passes (the last partial batch dropped) at the poly learning rate; the losses."""
+    n = x_all.shape[0]
+    per_epoch = n // batch_size
+    total = epochs * per_epoch
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    losses, order = [], None
+    steps = range(total) if track is None else track(range(total), label, total)
+    for it in steps:
+        b = it % per_epoch
+        if b == 0:
+            order = torch.randperm(n, generator=generator)
+        x, y = _flipped_batch(x_all, y_all, order[b * batch_size:(b + 1) * batch_size], generator)
+        for g in optimizer.param_groups:
+            g["lr"] = poly_lr(lr, it, total, power)
+        losses.append(_train_step(model, optimizer, x, y, dev, layout))
+    return losses
 
 
-def _check_knobs(*, epochs, batch_size, size, lr) -> None:
+def _pool_about(seed: int, images: int, image_size: int) -> dict:
+    """What an ``objects`` backbone was trained on: the pool, and no benchmark class."""
+    return {"pool": {"shapes": list(POOL_SHAPES), "seed": seed, "images": images, "image_size": image_size},
+            "benchmark_classes_seen": []}
+
+
+def _fold_about(data, fold: int) -> dict:
+    """What a ``base_classes`` backbone was trained on: dataset, fold, its classes."""
+    return {"dataset": data.dataset, "fold": fold, "convention": data.convention, "images": len(data),
+            "base_classes": list(data.base_classes), "novel_classes_seen_as_background": list(data.novel_classes)}
+
+
+def _check_knobs(*, epochs, batch_size, size, lr, images, image_size) -> None:
     """Reject knob values the loop cannot run with, before any data is loaded."""
-    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("size", size, 17)):
+    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("size", size, 17),
+                             ("images", images, 1), ("image_size", image_size, 32)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"pretrain {name}={value!r} must be an integer >= {low}.")
     if not lr > 0:
         raise ConfigError(f"pretrain lr={lr!r} must be positive.")
 
 
-def _load_fold(root, fold: int, convention: str | None, dataset: str | None, size: int, batch_size: int,
+def _load_fold(root, fold: int | None, convention: str | None, dataset: str | None, size: int,
                track: Callable | None):
     """The fold's prepared training split and its images/labels as tensors (labels remapped to the base classes)."""
+    if root is None or fold is None:
+        raise ConfigError("pretrain source=base_classes needs --root and --fold (the fold whose base classes to learn).")
+    check_fold(fold)
     data = PreparedDataset(root, fold, "train", convention)
     if dataset is not None and data.dataset != dataset:
         raise ConfigError(f"{root} holds the {data.dataset} dataset, not {dataset}; pass the right --root.")
     images, labels = load_split_tensors(data, list(data.base_classes), size, track)
-    n = images.shape[0]
-    if n < batch_size:
-        raise ConfigError(f"pretrain batch_size={batch_size} exceeds the {n} training images of fold {fold}; lower it.")
     return data, images, labels
 
 
@@ -211,7 +241,7 @@ def _train_step(model, optimizer, x, y, dev, layout) -> float:
 
 
 def _train_set_scores(model, images, labels, k: int, dev, layout) -> tuple[float, float]:
-    """Pixel accuracy and mean IoU of the ``k - 1`` base classes (background excluded) on the training images."""
+    """Pixel accuracy and mean IoU of the ``k - 1`` foreground classes (background excluded) on the training images."""
     model.eval()
     confusion = torch.zeros(k, k, dtype=torch.long)
     with torch.no_grad():
@@ -227,52 +257,36 @@ def _train_set_scores(model, images, labels, k: int, dev, layout) -> tuple[float
 
 
 def pretrain_command(
-    fold: int = typer.Option(..., help="Fold 0..3: its base classes are the only labels used."),
-    out: Path = typer.Option(..., help="Backbone weight file to write (.pt)."),
-    dataset: str = typer.Option("synthetic", help="Dataset of the prepared directory (the synthetic benchmark)."),
-    root: Path = typer.Option(Path("data/synthetic"), help="Prepared dataset directory."),
+    out: Path = typer.Option(..., help="Backbone weight file to write (.pt); a JSON report goes next to it."),
+    source: Optional[str] = typer.Option(None, help="objects (a pool of shapes no class has; default: "
+                                         "pretrain.source) or base_classes (one fold's base classes)."),
+    fold: Optional[int] = typer.Option(None, help="base_classes: the fold whose base classes are the only labels."),
+    dataset: str = typer.Option("synthetic", help="base_classes: dataset of the prepared directory."),
+    root: Path = typer.Option(Path("data/synthetic"), help="base_classes: prepared dataset directory."),
     backbone: str = typer.Option("small", help="Backbone to pretrain."),
-    convention: Optional[str] = typer.Option(None, help="Fold convention (default: the dataset's)."),
+    convention: Optional[str] = typer.Option(None, help="base_classes: fold convention (default: the dataset's)."),
+    images: Optional[int] = typer.Option(None, help="objects: pool images (default: pretrain.images)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: params.yaml pretrain.epochs)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default: pretrain.batch_size)."),
     lr: Optional[float] = typer.Option(None, help="Base learning rate (default: pretrain.lr)."),
     size: Optional[int] = typer.Option(None, help="Training image side (default: pretrain.size)."),
-    seed: Optional[int] = typer.Option(None, help="Seed (default: pretrain.seed)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the pool and of training (default: pretrain.seed)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     params: Optional[Path] = typer.Option(None, help="Params file (default ./params.yaml)."),
 ) -> None:
-    """Pretrain a backbone by semantic segmentation of one fold's base classes (no novel labels)."""
+    """Pretrain a backbone without any benchmark class label (objects) or on one fold's base classes."""
     check_dataset(dataset)
-    check_fold(fold)
     if backbone not in list_backbones():
         raise ConfigError(f"unknown backbone {backbone!r}; choose one of: {', '.join(list_backbones())}.")
     p, _ = load_params(params)
-    section = dict(DEFAULTS)
-    extra = p.get("pretrain") or {}
-    if not isinstance(extra, dict):
-        raise ConfigError("params key pretrain must be a mapping.")
-    unknown = sorted(set(extra) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"params section pretrain has no key {unknown[0]!r}; its keys are: {', '.join(DEFAULTS)}.")
-    section.update(extra)
-    cli = dict(epochs=epochs, batch_size=batch_size, lr=lr, size=size, seed=seed)
-    section.update({k: v for k, v in cli.items() if v is not None})
-    for key, value in section.items():
-        kind = type(DEFAULTS[key])
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ConfigError(f"params key pretrain.{key} must be true or false, got {value!r}.")
-            continue
-        try:
-            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            section[key] = kind(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"params key pretrain.{key} must be {kind.__name__}, got {value!r}.") from None
-    report = pretrain_backbone(root, fold, out, backbone=backbone, convention=convention, device=device,
+    cli = dict(source=source, images=images, epochs=epochs, batch_size=batch_size, lr=lr, size=size, seed=seed)
+    section = resolve_params_section(p, "pretrain", DEFAULTS, cli)
+    if section["source"] not in SOURCES:
+        raise ConfigError(f"pretrain source={section['source']!r} is unknown; choose one of: {', '.join(SOURCES)}.")
+    report = pretrain_backbone(out, root=root, fold=fold, backbone=backbone, convention=convention, device=device,
                                dataset=dataset, track=progress, **section)
     console.print(
-        f"[green]pretrained[/green] {backbone} fold {fold}: loss {report['final_loss']:.3f}, "
-        f"base mIoU (train) {100 * report['train_base_miou']:.1f} -> {out}", highlight=False, soft_wrap=True,
+        f"[green]pretrained[/green] {backbone} on {report['source']}: loss {report['final_loss']:.3f}, "
+        f"foreground mIoU (train) {100 * report['train_miou']:.1f} -> {out}", highlight=False, soft_wrap=True,
     )
     typer.echo(json.dumps(report, sort_keys=True))

@@ -39,6 +39,13 @@ Novel-class objects appear in training images too (as background for that fold):
 train/val split is by image (first ``train_images`` indices train, the next ``val_images``
 val) and the fold lists apply the area rule only.
 
+Pretraining pool. ``object_pool_image(seed, index, size)`` draws images the same way but
+with objects of ``POOL_SHAPES`` (star, hexagon, crescent, L, half-disc: no class's shape, so
+no pool object is of any benchmark class) and a class-agnostic mask (1 any object, 0
+background, 255 band). It plays the role ImageNet plays for PASCAL: a separate labelled set
+that the backbone is pretrained on (``fss pretrain --source objects``); its images come from
+their own random stream, never the benchmark's.
+
 Small-object rule. PASCAL's 2048 pixels is for ~500x375 images; the default scales it with
 the nominal image area: ``min_area = round(2048 * size * size / (500 * 375))`` (101 px at
 size 96, 45 px at size 64). It is recorded in meta.json ``options``.
@@ -82,6 +89,10 @@ MIN_SIZE = 32
 JPEG_QUALITY = 90
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross")
+#: shapes of the pretraining pool's objects, none of them a class's shape
+POOL_SHAPES = ("star", "hexagon", "crescent", "ell", "halfdisc")
+#: entropy tag of the pretraining pool's random stream (the benchmark's images have none)
+POOL_STREAM = 1
 TEXTURES = ("plain", "striped", "checkered", "dotted")
 #: hue family name -> centre hue in degrees
 HUES = (("red", 0.0), ("yellow", 55.0), ("green", 130.0), ("blue", 215.0), ("purple", 285.0))
@@ -105,8 +116,12 @@ def class_attributes(class_id: int) -> tuple[str, str, str]:
     """(shape, texture, hue family) of a 1-based class id."""
     if not 1 <= class_id <= 20:
         raise ConfigError(f"synthetic class id {class_id} is outside 1..20.")
+    return _attributes(class_id, SHAPES)
+
+
+def _attributes(class_id: int, shapes: tuple[str, ...]) -> tuple[str, str, str]:
     fold, j = divmod(class_id - 1, 5)
-    return SHAPES[j], TEXTURES[(j + fold) % 4], HUES[(j + 2 * fold) % 5][0]
+    return shapes[j], TEXTURES[(j + fold) % 4], HUES[(j + 2 * fold) % 5][0]
 
 
 def _class_hue(class_id: int) -> float:
@@ -161,6 +176,26 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generat
     if shape == "cross":
         au, av = np.abs(u), np.abs(v)
         return ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0))
+    return _pool_shape_mask(shape, u, v)
+
+
+def _pool_shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """A pretraining-pool shape (``POOL_SHAPES``) inside the unit circle."""
+    if shape == "star":  # five points: radius 1 at the tips, 0.42 between them
+        tip = np.abs(np.mod(np.arctan2(v, u) * (5 / (2 * math.pi)), 1.0) - 0.5) * 2
+        return np.sqrt(u * u + v * v) <= 0.42 + 0.58 * tip
+    if shape == "hexagon":
+        inside = np.ones(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
+        for a in (0.0, math.pi / 3, 2 * math.pi / 3):
+            inside &= np.abs(u * math.cos(a) + v * math.sin(a)) <= 0.85
+        return inside
+    if shape == "crescent":
+        return (u * u + v * v <= 1.0) & ((u - 0.5) ** 2 + v * v > 0.8 ** 2)
+    if shape == "ell":
+        return (((u >= -0.9) & (u <= -0.3) & (np.abs(v) <= 0.9))
+                | ((u >= -0.9) & (u <= 0.9) & (v >= 0.3) & (v <= 0.9)))
+    if shape == "halfdisc":
+        return (u * u + (v + 0.35) ** 2 <= 1.0) & (v >= -0.35)
     raise AssertionError(shape)
 
 
@@ -261,10 +296,15 @@ def _band(instances: np.ndarray) -> np.ndarray:
     return band
 
 
-def render_image(seed: int, index: int, size: int = DEFAULT_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image ``index`` of the pool for ``seed``: RGB ``uint8 [H, W, 3]``, class map and
-    instance map ``uint8 [H, W]`` (255 band). Depends only on (seed, index, size)."""
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence((GENERATOR_VERSION, seed, index))))
+def render_image(seed: int, index: int, size: int = DEFAULT_SIZE, *,
+                 pool: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image ``index`` of the benchmark for ``seed``: RGB ``uint8 [H, W, 3]``, class map and
+    instance map ``uint8 [H, W]`` (255 band). Depends only on (seed, index, size).
+
+    ``pool``: an image of the pretraining pool instead (its own random stream, objects of
+    ``POOL_SHAPES``; class ids 1..20 in its class map name pool shapes, not classes)."""
+    entropy = (GENERATOR_VERSION, seed, index) + ((POOL_STREAM,) if pool else ())
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
     spread = size // 6
     h = int(rng.integers(size - spread, size + spread + 1))
     w = int(rng.integers(size - spread, size + spread + 1))
@@ -277,7 +317,7 @@ def render_image(seed: int, index: int, size: int = DEFAULT_SIZE) -> tuple[np.nd
     visible: list[int] = []
     for _ in range(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1)):
         class_id = int(rng.integers(1, 21))
-        shape, texture, _ = class_attributes(class_id)
+        shape, texture, _ = _attributes(class_id, POOL_SHAPES if pool else SHAPES)
         for _try in range(PLACEMENT_TRIES):
             radius = rng.uniform(*OBJECT_RADIUS) * size
             cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
@@ -329,6 +369,15 @@ def render_image(seed: int, index: int, size: int = DEFAULT_SIZE) -> tuple[np.nd
     image = ndimage.gaussian_filter(image, sigma=(0.6, 0.6, 0))
     image = image * rng.uniform(0.85, 1.15) + rng.normal(0.0, 5.0, size=image.shape).astype(np.float32)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), class_map, instance_map
+
+
+def object_pool_image(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``index`` of the pretraining pool and its object mask (1 any object, 0 background,
+    255 band): ``uint8 [H, W, 3]`` and ``uint8 [H, W]``."""
+    image, class_map, _ = render_image(seed, index, size, pool=True)
+    objects = (class_map > 0).astype(np.uint8)
+    objects[class_map == C.IGNORE_INDEX] = C.IGNORE_INDEX
+    return image, objects
 
 
 # ---------------------------------------------------------------- the dataset

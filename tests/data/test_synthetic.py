@@ -240,3 +240,23 @@ def test_default_size_meets_the_sizing_targets(tmp_path):
         # generator v2 (1-3 objects per image) gives 91-95 / 31-36 at this size and seed
         assert min(train.class_counts().values()) >= 85, train.class_counts()
         assert min(val.class_counts().values()) >= 28, val.class_counts()
+
+
+def test_the_pretraining_pool_draws_no_class_shape(monkeypatch):
+    """Pool images draw only POOL_SHAPES (none a class's shape) from their own random stream;
+    benchmark images only class shapes. Their masks are class-agnostic (0, 1, 255)."""
+    import fss.data.synthetic as S
+
+    assert not set(S.POOL_SHAPES) & set(S.SHAPES)
+    drawn: list[str] = []
+    real = S._shape_mask
+    monkeypatch.setattr(S, "_shape_mask", lambda shape, *a: drawn.append(shape) or real(shape, *a))
+    pool = [S.object_pool_image(0, i, 48) for i in range(30)]
+    assert set(drawn) == set(S.POOL_SHAPES)
+    drawn.clear()
+    bench = [S.render_image(0, i, 48) for i in range(30)]
+    assert set(drawn) <= set(S.SHAPES)
+    assert all(set(np.unique(m).tolist()) <= {0, 1, 255} for _, m in pool)
+    assert all(1 in np.unique(m) for _, m in pool[:5])
+    assert not any(p[0].shape == b[0].shape and np.array_equal(p[0], b[0]) for p, b in zip(pool, bench))
+

@@ -25,9 +25,9 @@ METHODS = ["pfenet", "panet"]
 
 def _tiny_params() -> dict:
     p = yaml.safe_load(REPO_PARAMS.read_text())
-    p["benchmark"].update(methods=METHODS, folds=[0], pretrain_folds=[0], device="cpu")
+    p["benchmark"].update(methods=METHODS, folds=[0], pretrain_backbones=["small"], device="cpu")
     p["prepare"].update(size=48, train_images=60, val_images=120)
-    p["pretrain"].update(epochs=1, size=33, batch_size=8)
+    p["pretrain"].update(epochs=1, size=33, batch_size=8, images=24)
     syn = p["datasets"]["synthetic"]
     syn["data"]["train_size"] = 33
     syn["train"].update(iterations=4, batch_size=2)
@@ -68,17 +68,17 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
     work = _dvc_repo(tmp_path / "repo", _tiny_params(), subprocess_env)
 
     stages = _run([DVC, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
-    assert stages == ["prepare", "pretrain@0", "train@pfenet-0", "train@panet-0",
+    assert stages == ["prepare", "pretrain@small", "train@pfenet-0", "train@panet-0",
                       "evaluate@pfenet-0", "evaluate@panet-0", "aggregate", "sweep@embedded_apanet_lambda"]
 
     first = _run([DVC, "repro"], work, subprocess_env)
     for stage in stages:
         assert f"Running stage '{stage}'" in first.stdout, stage
-    assert (work / "pretrained" / "small-fold0.pt").is_file()
+    assert (work / "pretrained" / "small-objects.pt").is_file()
     for m in METHODS:
         run = work / "runs" / m / "fold0"
         assert {"config.yaml", "model.pt", "checkpoint.pt", "curves.csv"} <= {p.name for p in run.iterdir()}
-        assert yaml.safe_load((run / "config.yaml").read_text())["backbone_weights"] == "pretrained/small-fold0.pt"
+        assert yaml.safe_load((run / "config.yaml").read_text())["backbone_weights"] == "pretrained/small-objects.pt"
         for k in (1, 5):
             report = json.loads((work / "evals" / m / f"fold0-{k}shot.json").read_text())
             assert report["shot"] == k and report["episodes"] == 6 and report["protocol"] == "pfenet"
@@ -147,7 +147,7 @@ def _metrics_travel_with_git_and_the_remote(work: Path, tmp_path: Path, env: dic
     _run(["git", "clone", "-q", str(work), str(clone)], tmp_path, env)
     _run([DVC, "pull"], clone, env)
     for f in ("evals/panet/fold0-5shot.json", "evals/pfenet/fold0-1shot.png", "results/table_miou.md",
-              "results/chart_miou.png", "runs/pfenet/fold0/model.pt", "pretrained/small-fold0.pt",
+              "results/chart_miou.png", "runs/pfenet/fold0/model.pt", "pretrained/small-objects.pt",
               "results/sweeps/embedded_apanet_lambda/table.md"):
         assert (clone / f).read_bytes() == (work / f).read_bytes(), f
     assert "up to date" in _run([DVC, "status"], clone, env).stdout
@@ -159,7 +159,7 @@ def test_real_data_grid_has_no_synthetic_stages(tmp_path, subprocess_env, monkey
     p = yaml.safe_load(REPO_PARAMS.read_text())
     p["benchmark"].update(dataset="pascal", root="data/pascal", backbone="resnet50v2",
                           weights="pretrained/resnet50_v2.pth", folds=[0, 1], methods=["apanet"],
-                          pretrain_folds=[], sweeps={}, device="cuda")
+                          pretrain_backbones=[], sweeps={}, device="cuda")
     work = _dvc_repo(tmp_path / "repo", p, subprocess_env, with_code=False)
     stages = _run([DVC, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
     assert stages == ["prepare", "train@apanet-0", "train@apanet-1", "evaluate@apanet-0", "evaluate@apanet-1", "aggregate"]
@@ -203,7 +203,7 @@ def test_dvc_repro_on_prepared_pascal_with_a_released_backbone_file(tmp_path, su
     p = _tiny_params()
     p["benchmark"].update(dataset="pascal", root="data/pascal", backbone="resnet50v2",
                           weights="pretrained/resnet50_v2.pth", methods=["pfenet"], folds=[0],
-                          pretrain_folds=[], sweeps={}, device="cpu", protocol="pfenet")
+                          pretrain_backbones=[], sweeps={}, device="cpu", protocol="pfenet")
     p["datasets"]["pascal"] = {"data": {"root": "data/pascal", "num_workers": 0, "train_size": 33},
                                "train": {"iterations": 2, "batch_size": 2},
                                "validation": {"episodes": 4, "every": 0},

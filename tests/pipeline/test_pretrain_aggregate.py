@@ -1,4 +1,4 @@
-"""Per-fold base-class pretraining of the small backbone, and the results tables."""
+"""Pretraining of the small backbone (object pool, per-fold base classes), and the results tables."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from fss.data.prepared import PreparedDataset
 from fss.errors import ConfigError
 from pipeline.aggregate import aggregate, collect_results, find_evaluations, miou_table
-from pipeline.pretrain import load_split_tensors, pretrain_backbone
+from fss.data.synthetic import POOL_SHAPES
+from pipeline.pretrain import load_split_tensors, object_pool_tensors, pretrain_backbone
 
 
 def test_pretraining_labels_never_show_a_novel_class(synthetic_root):
@@ -36,8 +37,8 @@ def test_pretrain_writes_a_loadable_backbone(synthetic_root, tmp_path):
     from fss.models.backbones import build_backbone
 
     out = tmp_path / "small-fold1.pt"
-    report = pretrain_backbone(synthetic_root, 1, out, epochs=1, batch_size=8, size=33, device="cpu",
-                               dataset="synthetic")
+    report = pretrain_backbone(out, source="base_classes", root=synthetic_root, fold=1, epochs=1, batch_size=8,
+                               size=33, device="cpu", dataset="synthetic")
     assert report["base_classes"] == [c for c in range(1, 21) if not 6 <= c <= 10]
     assert report["novel_classes_seen_as_background"] == [6, 7, 8, 9, 10]
     assert math.isfinite(report["final_loss"]) and 0.0 <= report["train_pixel_accuracy"] <= 1.0
@@ -46,7 +47,30 @@ def test_pretrain_writes_a_loadable_backbone(synthetic_root, tmp_path):
     assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
     assert json.loads(out.with_suffix(".json").read_text())["fold"] == 1
     with pytest.raises(ConfigError, match="holds the synthetic dataset, not pascal"):
-        pretrain_backbone(synthetic_root, 1, out, epochs=1, dataset="pascal")
+        pretrain_backbone(out, source="base_classes", root=synthetic_root, fold=1, epochs=1, dataset="pascal")
+    with pytest.raises(ConfigError, match="needs --root and --fold"):
+        pretrain_backbone(out, source="base_classes", root=synthetic_root, epochs=1)
+    with pytest.raises(ConfigError, match="source='imagenet' is unknown; choose one of: objects, base_classes"):
+        pretrain_backbone(out, source="imagenet", epochs=1)
+
+
+def test_object_pool_pretraining_sees_no_benchmark_class(tmp_path):
+    """source=objects: a class-agnostic object/background task on the pool (no benchmark image,
+    no class), one backbone for every fold; the report says what it was trained on."""
+    from fss.models.backbones import build_backbone
+
+    images, labels = object_pool_tensors(seed=0, images=12, image_size=32, size=33)
+    assert images.shape == (12, 3, 33, 33) and set(torch.unique(labels).tolist()) == {0, 1, 255}
+    out = tmp_path / "small-objects.pt"
+    report = pretrain_backbone(out, source="objects", images=12, image_size=32, epochs=1, batch_size=4, size=33,
+                               device="cpu")
+    assert report["benchmark_classes_seen"] == [] and report["pool"]["shapes"] == list(POOL_SHAPES)
+    assert report["iterations"] == 3 and "fold" not in report and math.isfinite(report["final_loss"])
+    build_backbone("small", weights=str(out))
+    again = pretrain_backbone(tmp_path / "again.pt", source="objects", images=12, image_size=32, epochs=1,
+                              batch_size=4, size=33, device="cpu")
+    a, b = torch.load(out, weights_only=True), torch.load(tmp_path / "again.pt", weights_only=True)
+    assert again["final_loss"] == report["final_loss"] and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_pretrain_channels_last_matches_the_default_layout(synthetic_root, tmp_path):
@@ -57,9 +81,10 @@ def test_pretrain_channels_last_matches_the_default_layout(synthetic_root, tmp_p
     from pipeline.cli import app
 
     n = len(PreparedDataset(synthetic_root, 1, "train"))
-    kw = dict(epochs=1, batch_size=n // 3, size=33, device="cpu", dataset="synthetic")  # 3 steps: rounding stays small
-    plain = pretrain_backbone(synthetic_root, 1, tmp_path / "a.pt", **kw)
-    cl = pretrain_backbone(synthetic_root, 1, tmp_path / "b.pt", channels_last=True, **kw)
+    kw = dict(source="base_classes", root=synthetic_root, fold=1, epochs=1, batch_size=n // 3, size=33,
+              device="cpu", dataset="synthetic")  # 3 steps: rounding stays small
+    plain = pretrain_backbone(tmp_path / "a.pt", **kw)
+    cl = pretrain_backbone(tmp_path / "b.pt", channels_last=True, **kw)
     assert cl["channels_last"] is True and plain["channels_last"] is False and cl["iterations"] == 3
     a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
     assert a.keys() == b.keys() and all(v.is_contiguous() for v in b.values())

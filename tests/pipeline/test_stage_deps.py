@@ -107,10 +107,9 @@ def test_evaluate_stage_declares_the_code_it_runs(tiny_run, tmp_path, capsys):
     _assert_declared("evaluate", [args], capsys, seen={"pipeline/figures.py", "fss/metrics.py"})
 
 
-def test_pretrain_stage_declares_the_code_it_runs(synthetic_root, tmp_path, capsys):
-    args = ["pretrain", "--dataset", "synthetic", "--root", str(synthetic_root), "--fold", "0", "--backbone",
-            "small", "--device", "cpu", "--epochs", "1", "--size", "33", "--batch-size", "16",
-            "--out", str(tmp_path / "small.pt")]
+def test_pretrain_stage_declares_the_code_it_runs(tmp_path, capsys):
+    args = ["pretrain", "--source", "objects", "--images", "16", "--backbone", "small", "--device", "cpu",
+            "--epochs", "1", "--size", "33", "--batch-size", "16", "--out", str(tmp_path / "small.pt")]
     _assert_declared("pretrain", [args], capsys, seen={"pipeline/pretrain.py"})
 
 
