@@ -103,15 +103,18 @@ class TrainLoopConfig:
 class ValidationConfig:
     """Model selection on validation episodes (protocol section 6).
 
-    Episodes come from the fold's val list (the novel classes, as PFENet and SimPropNet
-    select) with seed ``seed``, distinct from the test seeds; the test protocol's size and
-    scoring are used.
+    Episodes come from the fold's list ``split`` (novel classes) with seed ``seed``, distinct
+    from the test seeds; the test protocol's size and scoring are used. ``val`` is what
+    PFENet and SimPropNet do (the test list itself, other episodes); ``holdout`` uses images
+    that no test list holds (the synthetic benchmark's ``--holdout-images``).
     """
 
     select: str = _opt("last", "which weights the run keeps as model.pt: last or best (highest val mIoU)", choices=SELECTIONS)
     every: int = _opt(0, "validate every N iterations (0 = only at the end)", low=0)
     episodes: int = _opt(100, "validation episodes per check", low=1)
     seed: int = _opt(123, "episode seed of validation (test seeds: pfenet 321, hsnet 0, panet 1234+)", low=0)
+    split: str = _opt("val", "list of the validation episodes: val (the reference: the test images, other episodes) "
+                      "or holdout (images in no test list; fss prepare synthetic --holdout-images)", choices=("val", "holdout"))
 
 
 @dataclass(frozen=True)

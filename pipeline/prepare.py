@@ -74,12 +74,16 @@ def synthetic(
     seed: int = typer.Option(0, help="Generator seed: the same seed writes the same dataset."),
     size: Optional[int] = typer.Option(None, help="Image side in pixels (default: the generator's)."),
     train_images: Optional[int] = typer.Option(None, help="Number of training images (default: the generator's)."),
-    val_images: Optional[int] = typer.Option(None, help="Number of validation images (default: the generator's)."),
+    val_images: Optional[int] = typer.Option(None, help="Number of val (test) images (default: the generator's)."),
+    holdout_images: Optional[int] = typer.Option(None, help="Held-out validation images, in no test list (lists "
+                                                 "fold<k>/holdout.txt; validation.split: holdout). Default: none."),
     min_area: Optional[int] = typer.Option(None, help="Small-object rule in pixels (default: 2048 scaled to the image area, round(2048*size^2/(500*375)))."),
 ) -> None:
     """The embedded synthetic benchmark (20 classes, 4 folds), written in the VOC layout."""
     from fss.data.synthetic import prepare_synthetic
 
-    kwargs = {k: v for k, v in dict(size=size, train_images=train_images, val_images=val_images, min_area=min_area).items() if v is not None}
+    kwargs = dict(size=size, train_images=train_images, val_images=val_images, holdout_images=holdout_images,
+                  min_area=min_area)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     summary = prepare_synthetic(out, seed=seed, track=track, **kwargs)
     _done(summary, out)

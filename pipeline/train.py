@@ -235,7 +235,7 @@ def setup(config: RunConfig, out, say: Callable[[str], None], restart_on_change:
         per_epoch=per_epoch, total=total, model=model, optimizer=optimizer,
         curves=R.CsvLog(run.file(R.CURVES_FILE), ("iteration", "epoch", "lr")) if ctx.is_main else D.NullLog(),
         val_log=R.CsvLog(run.file(R.VAL_FILE), ("iteration", "epoch")) if ctx.is_main else D.NullLog(),
-        val_data=open_split(config, "val") if validate else None,
+        val_data=open_split(config, config.validation.split) if validate else None,
         val_protocol=validation_protocol(config) if validate else None, say=say,
     )
 
@@ -516,7 +516,7 @@ def _finish(config: RunConfig, run, model, best, total, per_epoch, elapsed_s, de
         "selected_from": source.name,
         "best_val_miou": best.get("miou"),
         "best_val_iteration": best.get("iteration"),
-        "validation": {"split": "val (the fold's novel classes)", "seed": config.validation.seed,
+        "validation": {"split": config.validation.split, "seed": config.validation.seed,
                        "episodes": config.validation.episodes, "every": config.validation.every},
         "train_seconds": round(elapsed_s, 3),
         "device": str(device),

@@ -33,13 +33,13 @@ def checkpoint_keys() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    """The real synthetic generator, tiny: 48 px images, 60 train / 120 val (every novel class
-    has the 6 images a 5-shot episode needs). Shared by the pipeline, sweep, cache, bench and
+    """The real synthetic generator, tiny: 48 px images, 60 train / 120 val / 120 holdout (every
+    novel class has the 6 images a 5-shot episode needs). Shared by the pipeline, sweep, cache, bench and
     distributed tests."""
     from fss.data.synthetic import prepare_synthetic
 
     root = tmp_path_factory.mktemp("synthetic") / "data"
-    prepare_synthetic(root, seed=0, size=48, train_images=60, val_images=120)
+    prepare_synthetic(root, seed=0, size=48, train_images=60, val_images=120, holdout_images=120)
     return root
 
 

@@ -69,9 +69,10 @@ def base_classes(dataset: str, fold: int, convention: str | None = None) -> list
 
 
 def split_classes(dataset: str, fold: int, split: str, convention: str | None = None) -> list[int]:
-    """Classes of a list split: ``train`` -> base classes, ``val`` -> novel classes."""
+    """Classes of a list split: ``train`` -> base classes, ``val`` (test) and ``holdout``
+    (validation images kept out of the test lists) -> novel classes."""
     if split == "train":
         return base_classes(dataset, fold, convention)
-    if split == "val":
+    if split in ("val", "holdout"):
         return novel_classes(dataset, fold, convention)
-    raise ConfigError(f"unknown split {split!r}; choose one of: train, val.")
+    raise ConfigError(f"unknown split {split!r}; choose one of: train, val, holdout.")

@@ -160,8 +160,11 @@ def write_fold_lists(
     *,
     min_area: int = MIN_AREA,
     filter_intersection: bool = False,
+    holdout_ids: Sequence[str] = (),
 ) -> dict[str, dict[str, int]]:
-    """Write ``lists/<convention>/fold<k>/{train,val}.txt`` for the four folds.
+    """Write ``lists/<convention>/fold<k>/{train,val}.txt`` for the four folds, and
+    ``holdout.txt`` (novel classes, like val) when ``holdout_ids`` are given: validation
+    images that no test list holds.
 
     Returns the number of images per fold and split. A fold whose list comes out empty is
     an error (the dataset cannot serve that fold).
@@ -175,6 +178,8 @@ def write_fold_lists(
                                 exclude_classes=novel if filter_intersection else ()),
             "val": build_list(val_ids, areas, novel, min_area=min_area),
         }
+        if holdout_ids:
+            lists["holdout"] = build_list(holdout_ids, areas, novel, min_area=min_area)
         counts[f"fold{fold}"] = {}
         for split, records in lists.items():
             if not records:
@@ -240,7 +245,8 @@ def read_meta(root: str | os.PathLike) -> dict:
 class PreparedDataset:
     """One fold and split of a prepared dataset: its records, class index and file access.
 
-    ``split`` is ``train`` (base classes) or ``val`` (novel classes). ``class_index[c]``
+    ``split`` is ``train`` (base classes), ``val`` (novel classes, the test images) or
+    ``holdout`` (novel classes, validation images outside every test list; synthetic only). ``class_index[c]``
     lists the positions in ``records`` of the images indexed under class ``c`` (the
     support pool of ``c``).
     """
@@ -256,6 +262,9 @@ class PreparedDataset:
         self.base_classes = C.base_classes(self.dataset, fold, self.convention)
         self.novel_classes = C.novel_classes(self.dataset, fold, self.convention)
         path = list_path(self.root, self.convention, fold, split)
+        if not path.is_file() and split == "holdout":
+            raise DataError(f"list {path} does not exist: {self.root} has no held-out validation images; "
+                            "prepare it with --holdout-images N or set validation.split: val.")
         if not path.is_file():
             raise DataError(f"list {path} does not exist; run 'fss prepare' again.")
         lines = path.read_text().splitlines()

@@ -37,7 +37,10 @@ each pixel whose 8-neighbourhood holds another instance id (or background) is 25
 
 Novel-class objects appear in training images too (as background for that fold): the
 train/val split is by image (first ``train_images`` indices train, the next ``val_images``
-val) and the fold lists apply the area rule only.
+val, then ``holdout_images`` holdout) and the fold lists apply the area rule only. The
+holdout lists (novel classes, like val) give validation episodes (``validation.split:
+holdout``) whose images no test episode uses; PASCAL's and COCO's reference code validates
+on the test list itself.
 
 Pretraining pool. ``object_pool_image(seed, index, size)`` draws images the same way but
 with objects of ``POOL_SHAPES`` (star, hexagon, crescent, L, half-disc: no class's shape, so
@@ -85,6 +88,7 @@ GENERATOR_VERSION = 2  # 2: fewer, larger objects (1..3, radius 0.2..0.38), 1..4
 DEFAULT_SIZE = 96
 DEFAULT_TRAIN_IMAGES = 1200
 DEFAULT_VAL_IMAGES = 400
+DEFAULT_HOLDOUT_IMAGES = 0
 MIN_SIZE = 32
 JPEG_QUALITY = 90
 
@@ -394,15 +398,16 @@ def prepare_synthetic(
     size: int = DEFAULT_SIZE,
     train_images: int = DEFAULT_TRAIN_IMAGES,
     val_images: int = DEFAULT_VAL_IMAGES,
+    holdout_images: int = DEFAULT_HOLDOUT_IMAGES,
     min_area: int | None = None,
     track: Track | None = None,
 ) -> dict:
     """Generate the synthetic benchmark in the VOC layout under ``out`` and build its fold
     lists (pascal convention, pfenet area rule with ``min_area``, default
-    ``default_min_area(size)``). Returns a summary: image and list counts, min_area, seconds.
+    ``default_min_area(size)``; holdout lists when ``holdout_images`` > 0). Returns a summary: image and list counts, min_area, seconds.
     """
     for name, value, low in (("seed", seed, 0), ("size", size, MIN_SIZE), ("train_images", train_images, 1),
-                             ("val_images", val_images, 1)):
+                             ("val_images", val_images, 1), ("holdout_images", holdout_images, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"synthetic {name}={value!r} is invalid; use an integer >= {low}.")
     if min_area is None:
@@ -415,7 +420,7 @@ def prepare_synthetic(
     for sub in (IMAGE_DIR, MASK_DIR, INSTANCE_DIR):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
-    total = train_images + val_images
+    total = train_images + val_images + holdout_images
     indices: Iterable[int] = range(total)
     if track is not None:
         indices = track(indices, "generating synthetic images", total)
@@ -429,16 +434,18 @@ def prepare_synthetic(
         areas[name] = class_areas(class_map)
 
     train_ids = [image_id(i) for i in range(train_images)]
-    val_ids = [image_id(i) for i in range(train_images, total)]
-    for split, ids in (("train", train_ids), ("val", val_ids)):
+    val_ids = [image_id(i) for i in range(train_images, train_images + val_images)]
+    holdout_ids = [image_id(i) for i in range(train_images + val_images, total)]
+    splits = (("train", train_ids), ("val", val_ids)) + ((("holdout", holdout_ids),) if holdout_ids else ())
+    for split, ids in splits:
         _atomic_write_text(out / ID_LIST_DIR / f"{split}.txt", "".join(i + "\n" for i in ids))
-    ordered_areas = {i: areas[i] for i in train_ids + val_ids}
+    ordered_areas = {i: areas[i] for i in train_ids + val_ids + holdout_ids}
     write_areas(out, ordered_areas)
     counts = write_fold_lists(out, "synthetic", "pascal", train_ids, val_ids, ordered_areas,
-                              min_area=min_area)
+                              min_area=min_area, holdout_ids=holdout_ids)
     options = {
         "seed": seed, "size": size, "train_images": train_images, "val_images": val_images,
-        "min_area": min_area, "generator_version": GENERATOR_VERSION, "jpeg_quality": JPEG_QUALITY,
+        "holdout_images": holdout_images, "min_area": min_area, "generator_version": GENERATOR_VERSION, "jpeg_quality": JPEG_QUALITY,
     }
     finish_prepare(out, {
         "dataset": "synthetic",
@@ -454,7 +461,7 @@ def prepare_synthetic(
     return {
         "dataset": "synthetic",
         "out": str(out),
-        "images": {"train": train_images, "val": val_images},
+        "images": {"train": train_images, "val": val_images, "holdout": holdout_images},
         "lists": {"pascal": counts},
         "min_area": min_area,
         "seed": seed,

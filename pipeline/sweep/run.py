@@ -58,7 +58,7 @@ class TrialStopped(Exception):
 def evaluate_on_validation(config, model_path: Path, shot: int, out: Path, knob_overrides: Mapping[str, Any] | None = None,
                            tracking_off: bool = True) -> float:
     """Score a model file on the run's validation episodes; writes the evaluation JSON
-    (``split: val``) and returns the mIoU read back from it."""
+    (``split``: the validation list, val or holdout) and returns the mIoU read back from it."""
     protocol = validation_protocol(config)
     overlap = test_seed_overlap(config)
     if overlap:  # load_study refuses this already; a guard for configs built elsewhere
@@ -77,13 +77,13 @@ def evaluate_on_validation(config, model_path: Path, shot: int, out: Path, knob_
     model = create_model(blob["method"], backbone=blob["backbone"], shot=int(shot), **knobs)
     load_strict(model, blob["state_dict"], str(model_path))
     device = resolve_device(config.train.device)
-    data = open_split(config, "val")
+    data = open_split(config, config.validation.split)
     start = time.monotonic()
     result = evaluate_model(model.to(device), data, protocol, shot=int(shot), device=device,
                             batch_size=config.test.batch_size, num_workers=config.data.num_workers,
                             precision=config.train.precision)
     report = {
-        "kind": EVAL_KIND, "version": 1, "split": "val", "method": blob["method"], "dataset": config.dataset,
+        "kind": EVAL_KIND, "version": 1, "split": config.validation.split, "method": blob["method"], "dataset": config.dataset,
         "backbone": blob["backbone"], "fold": config.fold, "shot": int(shot), "train_shot": blob.get("shot"),
         "knobs": knobs, "miou": result["miou"], "fb_iou": result["fb_iou"],
         "class_iou": {str(k): v for k, v in result.get("class_iou", {}).items()},

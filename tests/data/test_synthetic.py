@@ -233,7 +233,7 @@ def test_cli_user_error_is_one_line(tmp_path):
 def test_default_size_meets_the_sizing_targets(tmp_path):
     summary = prepare_synthetic(tmp_path / "default")
     assert summary["min_area"] == 101
-    assert summary["images"] == {"train": 1200, "val": 400}
+    assert summary["images"] == {"train": 1200, "val": 400, "holdout": 0}
     for fold in range(4):
         train = PreparedDataset(tmp_path / "default", fold, "train")
         val = PreparedDataset(tmp_path / "default", fold, "val")
@@ -260,3 +260,24 @@ def test_the_pretraining_pool_draws_no_class_shape(monkeypatch):
     assert all(1 in np.unique(m) for _, m in pool[:5])
     assert not any(p[0].shape == b[0].shape and np.array_equal(p[0], b[0]) for p, b in zip(pool, bench))
 
+
+
+def test_holdout_lists_hold_no_test_image(small, tmp_path):
+    """--holdout-images: validation lists of the novel classes over images that no val (test)
+    list holds; a dataset without them says how to get them, in one line."""
+    from fss.data.prepared import PreparedDataset
+    from fss.errors import DataError
+
+    root = tmp_path / "holdout"
+    summary = prepare_synthetic(root, seed=0, size=48, train_images=30, val_images=40, holdout_images=40)
+    assert summary["images"] == {"train": 30, "val": 40, "holdout": 40}
+    assert json.loads((root / "meta.json").read_text())["options"]["holdout_images"] == 40
+    for fold in range(4):
+        val, hold = PreparedDataset(root, fold, "val"), PreparedDataset(root, fold, "holdout")
+        assert hold.classes == val.classes == hold.novel_classes and len(hold) > 0
+        held = {r.id for r in hold.records}
+        assert not held & {r.id for r in val.records} and not held & {r.id for r in PreparedDataset(root, fold, "train").records}
+        assert held <= {image_id(i) for i in range(70, 110)}
+    with pytest.raises(DataError, match=r"has no held-out validation images; prepare it with --holdout-images N") as info:
+        PreparedDataset(small[0], 0, "holdout")
+    assert "\n" not in str(info.value)

@@ -60,6 +60,7 @@ def test_run_directory_contents(reference_run):
     assert [int(r["iteration"]) for r in vals] == [2, 4, 6] and all(r["val_episodes"] == "4" for r in vals)
     summary = json.loads((reference_run / R.SUMMARY_FILE).read_text())
     assert summary["validation"]["seed"] == 123 and summary["selection"] == "last"
+    assert summary["validation"]["split"] == "holdout"  # the synthetic preset validates on held-out images
     assert _same_weights(_weights(reference_run), _weights(reference_run, R.MODEL_LAST))
     blob = R.load_checkpoint(reference_run / R.CHECKPOINT_FILE)  # weights_only load succeeds
     assert blob["iteration"] == 6 and blob["config"]["method"] == "pfenet"

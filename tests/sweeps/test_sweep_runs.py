@@ -43,9 +43,9 @@ def test_grid_sweep_end_to_end_rerun_and_report(tmp_path, sweep_data, capsys):
     study = load(path, "grid", tmp_path / "out" / "grid" / "study.db")
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert sorted(t.params["knobs.lam"] for t in trials) == [0.0, 1.0]
-    for t in trials:  # the objective is the project's own evaluation JSON on validation episodes
+    for t in trials:  # the objective: the evaluation JSON on held-out validation episodes
         report = json.loads((Path(t.user_attrs["fss_run_dir"]) / "fold0" / "val.json").read_text())
-        assert report["split"] == "val" and report["protocol_options"]["seeds"] == [123]
+        assert report["split"] == "holdout" and report["protocol_options"]["seeds"] == [123]
         assert report["knobs"]["lam"] == t.params["knobs.lam"] and report["episodes"] == 4
         assert t.value == pytest.approx(report["miou"]) == pytest.approx(t.user_attrs["fss_scores"]["1"]["0"])
     # the same command again: the grid is complete, nothing runs twice
