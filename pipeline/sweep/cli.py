@@ -129,6 +129,9 @@ def run_command(
     heartbeat: float = typer.Option(30.0, help="Seconds between heartbeats of a running trial."),
     wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Log each trial as a W&B run grouped by "
                                                                          "study (default: the study's tracking.wandb)."),
+    restart_on_change: bool = typer.Option(False, "--restart-on-change", help="A stored study of another study file "
+                                           "or params (dvc.yaml's persisted storage) is deleted with its trial runs "
+                                           "and started afresh instead of refused."),
 ) -> None:
     """Run (or continue) a study: every grid point once, or a sampler up to its budget."""
     if workers < 1:
@@ -143,7 +146,7 @@ def run_command(
         raise ConfigError(f"--storage {url} is SQLite, which serves one worker; give a journal file (.log) or a "
                           f"PostgreSQL/MySQL URL for --workers {workers}.")
     store = open_storage(url, create_dirs=storage is None)
-    opened = open_study(spec, store, url, name, say=say)
+    opened = open_study(spec, store, url, name, say=say, restart_on_change=restart_on_change)
     if workers > 1:
         code = _spawn_workers(study_file, name, url, workers, n_trials, grace, heartbeat, say, wandb)
         typer.echo(json.dumps(_summary(opened, url), sort_keys=True, default=str))

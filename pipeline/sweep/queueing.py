@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -94,9 +95,31 @@ def _wait_for_attr(study, key: str, timeout: float) -> bool:
 
 
 def open_study(spec: StudySpec, storage, storage_url: str, name: str | None = None, *,
-               setup_timeout: float = 60.0, say: Say = quiet):
-    """Create or load the study; refuse a changed study file; queue a new grid."""
+               setup_timeout: float = 60.0, say: Say = quiet, restart_on_change: bool = False):
+    """Create or load the study; refuse a changed study file or params (``restart_on_change``:
+    delete that study and its trial runs and start afresh instead); queue a new grid."""
     name = name or spec.name
+    try:
+        return _open_study(spec, storage, storage_url, name, setup_timeout=setup_timeout, say=say)
+    except StudyChanged as changed:
+        if not restart_on_change:
+            raise ConfigError(str(changed)) from None
+        say(f"{changed.reason}: deleting it and its trial runs in {spec.output}, starting afresh.")
+        optuna.delete_study(study_name=name, storage=storage)
+        for old in sorted(Path(spec.output).glob("trial-*")):
+            shutil.rmtree(old)
+        return _open_study(spec, storage, storage_url, name, setup_timeout=setup_timeout, say=say)
+
+
+class StudyChanged(Exception):
+    """The stored study was created from another study file or params file."""
+
+    def __init__(self, reason: str, advice: str):
+        super().__init__(f"{reason}; {advice}")
+        self.reason = reason
+
+
+def _open_study(spec: StudySpec, storage, storage_url: str, name: str, *, setup_timeout: float, say: Say):
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own one-line messages instead
     sampler, pruner = make_sampler(spec), make_pruner(spec)
     try:
@@ -118,10 +141,10 @@ def open_study(spec: StudySpec, storage, storage_url: str, name: str | None = No
     attrs = study.user_attrs
     if attrs.get(FINGERPRINT) != fingerprint:
         diff = first_difference(attrs.get("fss_study_file"), json.loads(json.dumps(spec.fingerprint_source(), default=str)))
-        raise ConfigError(
-            f"study '{name}' in {storage_url} was created from a different version of {spec.path} "
-            f"(first difference: {diff}); pass a new --study name or storage instead of mixing them."
-        )
+        raise StudyChanged(
+            f"study '{name}' in {storage_url} was created from a different version of {spec.path} or of "
+            f"its params file (first difference: {diff})",
+            "pass a new --study name or storage instead of mixing them, or --restart-on-change to start afresh")
     if spec.mode == "grid":
         if created:
             _lock(study, storage, name, "initial")

@@ -169,7 +169,18 @@ class StudySpec:
         return out
 
     def fingerprint_source(self) -> dict:
-        return {k: v for k, v in self.raw.items() if k not in UNFINGERPRINTED}
+        """What the trials' results depend on: the study file (less ``UNFINGERPRINTED``) and the
+        run configuration that the params file gives each (fold, shot) before the swept values,
+        so that an edited method or dataset section is a different study, not a silent reuse."""
+        source = {k: v for k, v in self.raw.items() if k not in UNFINGERPRINTED}
+        sets = [f"{k}={_yaml_scalar(v)}" for k, v in self.fixed.items()]
+        source["base_configs"] = {
+            f"fold{fold}-{shot}shot": resolve_run_config(
+                method=self.method, dataset=self.dataset, fold=fold, shot=shot, backbone=self.backbone,
+                set_values=sets, params_path=self.params_file).to_dict()
+            for fold in self.folds for shot in self.shots
+        }
+        return json.loads(json.dumps(source, sort_keys=True, default=str))
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.fingerprint_source(), sort_keys=True, default=str)

@@ -131,6 +131,31 @@ def test_changed_study_file_under_the_same_name_is_refused(tmp_path, sweep_data,
     assert len(open_storage(url).get_all_trials(0)) == 2
 
 
+def test_changed_params_are_another_study_and_restart_on_change_starts_afresh(tmp_path, sweep_data, capsys):
+    """The params file's method section is part of the study: an edited knob is refused like an
+    edited study file, and --restart-on-change (dvc.yaml's sweep stage) deletes the stale study
+    and its trial runs and queues the grid afresh instead of reusing finished trials."""
+    from pipeline.config import REPO_PARAMS
+
+    params = tmp_path / "params.yaml"
+    params.write_text(REPO_PARAMS.read_text())
+    path = write_study(tmp_path / "s.yaml", sweep_data, params_file=str(params))
+    url = normalize_storage(str(tmp_path / "journal.log"))
+    first = open_study(load_study(path), open_storage(url), url)
+    first.tell(first.ask(), 0.5)  # a finished trial that a silent reuse would keep
+    stale = tmp_path / "out" / "s" / "trial-0000-lam-0.0"
+    stale.mkdir(parents=True)
+    doc = yaml.safe_load(params.read_text())
+    doc["methods"]["apanet"]["knobs"]["n_clusters"] = 2
+    params.write_text(yaml.safe_dump(doc, sort_keys=False))
+    code, _, err = run_cli(["sweep", "run", path, "--storage", tmp_path / "journal.log"], capsys)
+    one_line_error(code, err, "different version", "base_configs", "--restart-on-change")
+    said = []
+    again = open_study(load_study(path), open_storage(url), url, restart_on_change=True, say=said.append)
+    assert [t.state.name for t in again.get_trials()] == ["WAITING", "WAITING"] and not stale.exists()
+    assert "starting afresh" in said[0] and again.user_attrs["fss_fingerprint"] == load_study(path).fingerprint()
+
+
 def test_dead_worker_detection(tmp_path):
     import socket
     from types import SimpleNamespace
