@@ -360,3 +360,26 @@ def test_bn_eval_keeps_the_backbone_batchnorm_statistics():
     assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
     assert all(m.training for m in create_model("panet", backbone="small").train().backbone.modules()
                if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_layers_knob_matches_the_chosen_stages_concatenated():
+    """layers=[layer4] (default) is the last stage's output; several stages are resized to the
+    deepest one's size and concatenated, and the feature-cache tag names them."""
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 41, 41)
+    default, mixed = _model(), _model(layers=["layer2", "layer3"])
+    mixed.load_state_dict(default.state_dict())
+    default.eval(), mixed.eval()
+    with torch.no_grad():
+        x, outs = images, {}
+        for name in ("layer0", "layer1", "layer2", "layer3", "layer4"):
+            x = outs[name] = getattr(default.backbone, name)(x)
+        assert torch.equal(default.encode(images), outs["layer4"])
+        size = outs["layer3"].shape[-2:]
+        want = torch.cat([F.interpolate(outs["layer2"], size=size, mode="bilinear", align_corners=False),
+                          outs["layer3"]], dim=1)
+        assert torch.allclose(mixed.encode(images), want)
+    tags = []
+    mixed.frozen_features = lambda tag, compute, *inputs: tags.append(tag) or tuple(compute(slice(None)))
+    mixed.encode(images)
+    assert tags == ["panet.encode:layer2,layer3"]

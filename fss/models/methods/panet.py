@@ -49,6 +49,7 @@ IGNORE_INDEX = 255
 OTHER_EPISODE_CLASS = 2
 
 PANET_BACKBONES = ("vgg16", "small", "resnet50", "resnet101", "resnet50v2", "resnet101v2")
+STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
 
 PANET_KNOBS = {
     "par": Knob(True, bool, table="PANet Table 5",
@@ -63,6 +64,9 @@ PANET_KNOBS = {
                     help="keep the backbone's BatchNorm layers in eval mode (running statistics, not "
                          "updated) while fine-tuning; default False = train mode (the paper's VGG16 has "
                          "no BatchNorm; the synthetic benchmark's small backbone has)"),
+    "layers": Knob(["layer4"], list, choices=STAGES, item_kind=str,
+                   help="backbone stages whose features are matched, each resized bilinearly to the "
+                        "deepest one's size and concatenated; default layer4 = the reference's encoder output"),
 }
 
 
@@ -130,8 +134,13 @@ class PANet(FSSModel):
         alpha: float,
         ways: int,
         bn_eval: bool,
+        layers: list,
     ) -> None:
         super().__init__()
+        if not layers:
+            raise ConfigError("knob 'layers' of method 'panet' is empty; name at least one backbone stage, e.g. [layer4].")
+        self.layers = tuple(layers)
+        self.last = max(STAGES.index(name) for name in self.layers)
         self.shot = shot
         self.bn_eval = bn_eval
         self.par = par
@@ -154,16 +163,22 @@ class PANet(FSSModel):
 
     # ----------------------------------------------------------------- building blocks
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone output (last stage) ``[N, C, h, w]``."""
+        """Features ``[N, C, h, w]`` of the ``layers`` stages (default: the last stage's output)."""
 
         def stages(rows):
-            x = images[rows]
-            for name in ("layer0", "layer1", "layer2", "layer3", "layer4"):
+            x, outs = images[rows], []
+            for name in STAGES[: self.last + 1]:
                 x = getattr(self.backbone, name)(x)
-            return (x,)
+                if name in self.layers:
+                    outs.append(x)
+            return tuple(outs)
 
         # frozen_features: the evaluation feature cache hook (base.py); a plain call in training
-        return self.frozen_features("panet.encode", stages, images)[0]
+        feats = self.frozen_features("panet.encode:" + ",".join(self.layers), stages, images)
+        if len(feats) == 1:
+            return feats[0]
+        size = feats[-1].shape[-2:]
+        return torch.cat([_upsample(f, size) for f in feats], dim=1)
 
     def encode_episode(self, support_images: torch.Tensor, query_images: torch.Tensor):
         """One backbone call for supports ``[B,N,K,3,H,W]`` and queries ``[B,3,H,W]``."""

@@ -75,7 +75,7 @@ class Prototype(FSSModel):
             return tuple(outs)
 
         with torch.no_grad():
-            feats = self.frozen_features("prototype.encode", stages, images)
+            feats = self.frozen_features("prototype.encode:" + ",".join(self.layers), stages, images)  # cache key per stage set
         size = feats[-1].shape[-2:]
         return torch.cat([resize_bilinear(f, size) for f in feats], dim=1)
 
