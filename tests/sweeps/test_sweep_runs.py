@@ -204,9 +204,10 @@ def test_trial_command_runs_one_point_from_wandb_args(tmp_path, sweep_data, caps
     assert code == 2 and "not in the study's values" in err
 
 
-def test_wandb_trial_logs_the_metric_its_early_termination_watches(tmp_path, sweep_data, capsys, monkeypatch):
+def test_wandb_trial_logs_the_metric_its_early_termination_watches(tmp_path, sweep_data, subprocess_env):
     """The W&B sweep file of a study with a pruner stops runs on val/miou; an offline
-    `fss sweep trial` logs it at every validation check, its summary keeping the best."""
+    `fss sweep trial` logs it at every validation check, its summary keeping the best. The trial
+    runs in its own process: wandb keeps the first WANDB_DIR a process used."""
     from pipeline.sweep.study import load_study
     from pipeline.sweep.wandb_file import wandb_sweep
     from tests.pipeline.wandb_records import OfflineRun
@@ -217,10 +218,10 @@ def test_wandb_trial_logs_the_metric_its_early_termination_watches(tmp_path, swe
     sweep = wandb_sweep(load_study(path))
     assert sweep["metric"] == {"name": "val/miou", "goal": "maximize"}
     assert sweep["early_terminate"] == {"type": "hyperband", "min_iter": 2}
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    code, _, err = run_cli(["sweep", "trial", path, "knobs.lam=0.25"], capsys)
-    assert code == 0, err
+    env = {**subprocess_env, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    done = subprocess.run([FSS, "sweep", "trial", str(path), "knobs.lam=0.25"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     run = OfflineRun(run_dir)
     checks = run.history("val/miou")
