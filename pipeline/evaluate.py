@@ -290,6 +290,21 @@ def _check_model_file(model: Path, dataset: str, ways: int, allow_dataset_mismat
     with_eval_ways(blob["method"], blob["knobs"], ways, model)
 
 
+def _check_arguments(run, model, shot, checkpoint: str, out, model_only: tuple) -> None:
+    """Refuse, in one line, argument combinations ``fss evaluate`` cannot run."""
+    if (run is None) == (model is None):
+        raise ConfigError("give either --run RUN_DIR or --model FILE (with --dataset, --root and --fold).")
+    for k in shot:
+        if k < 1:
+            raise ConfigError(f"--shot {k} must be a positive integer.")
+    if checkpoint not in ("selected", "last", "best"):
+        raise ConfigError(f"--checkpoint {checkpoint!r}; choose one of: selected, last, best.")
+    if run is not None and any(v is not None for v in model_only):
+        raise ConfigError("--dataset/--root/--fold/--convention go with --model; a run directory knows its data.")
+    if len(shot) > 1 and out is not None and "{shot}" not in str(out):
+        raise ConfigError(f"--out {out} must contain {{shot}} when several --shot values are given.")
+
+
 def evaluate_command(
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory of 'fss train'."),
     shot: list[int] = typer.Option([1], "--shot", help="Shots at test time; repeat for several (--shot 1 --shot 5)."),
@@ -335,17 +350,8 @@ def evaluate_command(
     from pipeline.runs import write_json
 
     say = lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
-    if (run is None) == (model is None):
-        raise ConfigError("give either --run RUN_DIR or --model FILE (with --dataset, --root and --fold).")
-    for k in shot:
-        if k < 1:
-            raise ConfigError(f"--shot {k} must be a positive integer.")
-    if checkpoint not in ("selected", "last", "best"):
-        raise ConfigError(f"--checkpoint {checkpoint!r}; choose one of: selected, last, best.")
-
+    _check_arguments(run, model, shot, checkpoint, out, (dataset, root, fold, convention))
     if run is not None:
-        if any(v is not None for v in (dataset, root, fold, convention)):
-            raise ConfigError("--dataset/--root/--fold/--convention go with --model; a run directory knows its data.")
         src = _run_source(run, checkpoint, device, num_workers)
     else:
         src = _model_source(model, dataset, root, fold, convention, num_workers, params, device)
@@ -368,8 +374,6 @@ def evaluate_command(
     data = open_prepared(root_, fold_, "val", conv, dataset=ds_name, cache=cache)
     if cache and workers > 0:
         data.preload()
-    if len(shot) > 1 and out is not None and "{shot}" not in str(out):
-        raise ConfigError(f"--out {out} must contain {{shot}} when several --shot values are given.")
     bs = batch_size or test_cfg.batch_size
     fcache = _make_feature_cache(test_cfg, feature_cache, feature_cache_dir, feature_cache_mb)
     reports = []

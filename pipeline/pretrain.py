@@ -52,15 +52,17 @@ DEFAULTS = {"source": "objects", "images": 800, "image_size": 48, "epochs": 6, "
             "weight_decay": 1e-4, "momentum": 0.9, "size": 65, "seed": 0, "power": 0.9, "channels_last": False}
 
 
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
 def _as_tensors(image, mask, lut: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One normalised ``[3,S,S]`` image (bilinear) and its ``[S,S]`` label through ``lut`` (nearest)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 255.0
     img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)[0]
     lab = torch.from_numpy(lut[mask])[None, None].float()
     lab = F.interpolate(lab, size=(size, size), mode="nearest")[0, 0].long()
-    return (img - mean) / std, lab
+    return (img - _MEAN) / _STD, lab
 
 
 def load_split_tensors(data, base_classes: list[int], size: int, track: Callable | None = None):
@@ -281,8 +283,6 @@ def pretrain_command(
     p, _ = load_params(params)
     cli = dict(source=source, images=images, epochs=epochs, batch_size=batch_size, lr=lr, size=size, seed=seed)
     section = resolve_params_section(p, "pretrain", DEFAULTS, cli)
-    if section["source"] not in SOURCES:
-        raise ConfigError(f"pretrain source={section['source']!r} is unknown; choose one of: {', '.join(SOURCES)}.")
     report = pretrain_backbone(out, root=root, fold=fold, backbone=backbone, convention=convention, device=device,
                                dataset=dataset, track=progress, **section)
     console.print(

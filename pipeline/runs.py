@@ -86,6 +86,9 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 # ---------------------------------------------------------------- the run directory
 
 
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
 class RunDir:
     """Paths and state of one run directory."""
 
@@ -94,6 +97,15 @@ class RunDir:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def wandb_run_id(self) -> str | None:
+        """The W&B run id a previous attempt of this run logged to (resumed into the same W&B run)."""
+        p = self.file(WANDB_ID_FILE)
+        return p.read_text().strip() or None if p.is_file() else None
+
+    def save_wandb_run_id(self, run_id: str | None) -> None:
+        if run_id:
+            atomic_write_text(self.file(WANDB_ID_FILE), run_id + "\n")
 
     @property
     def config_file(self) -> Path:

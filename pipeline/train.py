@@ -407,9 +407,9 @@ def train_run(
         t.say(f"{out} was already trained ({t.total} iterations); writing its final files.")
     t.net = D.wrap_model(t.model, t.ctx, t.device, find_unused_parameters=config.train.ddp_find_unused_parameters,
                          sync_batchnorm=config.train.sync_batchnorm)
-    t.tracker = start_training(config, enabled=config.tracking.wandb and t.ctx.is_main, run_id=_wandb_id(t.run),
+    t.tracker = start_training(config, enabled=config.tracking.wandb and t.ctx.is_main, run_id=t.run.wandb_run_id(),
                                warn=t.say)
-    _save_wandb_id(t.run, t.tracker)
+    t.run.save_wandb_run_id(t.tracker.run_id)
     val_every = config.validation.every
     steps = range(state.iteration, t.total)
     if track is not None and len(steps):
@@ -526,18 +526,6 @@ def _finish(config: RunConfig, run, model, best, total, per_epoch, elapsed_s, de
     R.write_json(run.file(R.SUMMARY_FILE), summary)
     run.log(f"finished: selected {selected} weights ({source.name})")
     return summary
-
-
-def _wandb_id(run) -> str | None:
-    p = run.file("wandb_run_id.txt")
-    return p.read_text().strip() or None if p.is_file() else None
-
-
-def _save_wandb_id(run, tracker) -> None:
-    if tracker.run_id:
-        from pipeline.runs import atomic_write_text
-
-        atomic_write_text(run.file("wandb_run_id.txt"), tracker.run_id + "\n")
 
 
 def _autocast(config: RunConfig, device):
