@@ -9,8 +9,6 @@ tiny images, 40 iterations with a checkpoint after each); the stages run the cop
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 
@@ -47,6 +45,15 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _is_trainer(process) -> bool:
+    import psutil
+
+    try:
+        return "--restart-on-change" in " ".join(process.cmdline())
+    except psutil.Error:  # exited while looking
+        return False
+
+
 def _kill_training_after_a_checkpoint(work, env, run) -> int:
     """`dvc repro STAGE` with the training process SIGKILLed once it has written a checkpoint;
     returns the checkpoint's iteration."""
@@ -55,14 +62,19 @@ def _kill_training_after_a_checkpoint(work, env, run) -> int:
     dvc = subprocess.Popen([DVC, "repro", STAGE], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     deadline = time.monotonic() + 300
-    trainer = None
-    while trainer is None and time.monotonic() < deadline and dvc.poll() is None:
-        if (run / "checkpoint.pt").is_file():
-            trainer = next((p for p in psutil.Process(dvc.pid).children(recursive=True)
-                            if "--restart-on-change" in " ".join(p.cmdline())), None)
-        time.sleep(0.01)
-    assert trainer is not None, f"no training process with a checkpoint to kill:\n{dvc.communicate()[0][-3000:]}"
-    os.kill(trainer.pid, signal.SIGKILL)
+    trainers, checkpoint = [], run / "checkpoint.pt"
+    # find the training process(es: a shell may wrap it) while they start, the scan being slow,
+    # then kill them as soon as the first checkpoint is on disk, long before the last iteration
+    while time.monotonic() < deadline and dvc.poll() is None:
+        if not trainers:
+            trainers = [p for p in psutil.Process(dvc.pid).children(recursive=True) if _is_trainer(p)]
+        elif checkpoint.is_file():
+            break
+        time.sleep(0.001)
+    assert trainers and checkpoint.is_file() and dvc.poll() is None, \
+        f"no training process with a checkpoint to kill:\n{dvc.communicate()[0][-3000:]}"
+    for p in trainers:
+        p.kill()
     out, _ = dvc.communicate(timeout=120)
     assert dvc.returncode != 0, out[-3000:]
     iteration = torch.load(run / "checkpoint.pt", weights_only=True)["iteration"]
