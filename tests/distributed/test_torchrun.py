@@ -143,7 +143,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(unbanded_dat
     from pipeline.train import build_model, seed_everything, train_run
 
     iterations = 6
-    sets = {"optim.lr": 0.01, "knobs.bn_eval": "false"}  # the synthetic preset keeps BN statistics
+    # the synthetic preset keeps BN statistics and turns PAR off; this test wants both to train
+    sets = {"optim.lr": 0.01, "knobs.bn_eval": "false", "knobs.par": "true"}
     one = tmp_path / "one"
     config = resolve_run_config(method="panet", dataset="synthetic", fold=0, shot=1, iterations=iterations,
                                 device="cpu", set_values=train_sets(unbanded_data, **sets))
