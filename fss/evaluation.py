@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from fss.errors import ConfigError
 from fss.layout import channels_last_images
 
 
@@ -54,6 +55,36 @@ def _logits_at(logits, size):
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
 
 
+#: ``evaluate_model``'s ``support_control``: ``none`` scores every episode with its own support;
+#: ``shifted`` with the previous episode's (a control: a method that uses its support loses accuracy,
+#: one that ignores it scores the same).
+SUPPORT_CONTROLS = ("none", "shifted")
+
+
+class ShiftedSupports:
+    """``support_control='shifted'``: each batch's episodes get the support images and masks of
+    the episode before them in run order (across batches; the run's first episode borrows its
+    batch's last), labels and query unchanged. ``same_class`` counts the episodes whose
+    borrowed support is of their own class (consecutive episodes may share one)."""
+
+    def __init__(self) -> None:
+        self.carry = None
+        self.same_class = 0
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        images, masks, classes = batch["support_images"], batch["support_masks"], batch["class_ids"]
+        if self.carry is None:
+            self.carry = (images[-1:], masks[-1:], classes[-1:])
+        before, self.carry = self.carry, (images[-1:], masks[-1:], classes[-1:])
+        borrowed = torch.cat([before[2], classes[:-1]])
+        same = (borrowed.reshape(len(classes), -1) == classes.reshape(len(classes), -1)).all(dim=1)
+        self.same_class += int(same.sum())
+        return {**batch, "support_images": torch.cat([before[0], images[:-1]]),
+                "support_masks": torch.cat([before[1], masks[:-1]])}
+
+
 def evaluate_model(
     model,
     data,
@@ -70,8 +101,13 @@ def evaluate_model(
     description: str = "evaluate",
     channels_last: bool = False,
     feature_cache=None,
+    support_control: str = "none",
 ) -> dict:
     """Run every run of ``protocol`` on ``data`` (the fold's val list); IoUMeter results.
+
+    ``support_control`` (``SUPPORT_CONTROLS``): ``shifted`` scores each episode with the
+    previous episode's support (:class:`ShiftedSupports`); the summary then has
+    ``support_control`` = {name, same_class_episodes} of run 0.
 
     ``feature_cache``: a :class:`fss.models.feature_cache.FeatureCache` that serves the frozen
     backbone's outputs of images seen before (identical metrics; None = compute every time).
@@ -89,6 +125,8 @@ def evaluate_model(
     from fss.data.transforms import original_resolution_pairs
     from fss.metrics import IoUMeter, summarize_runs
 
+    if support_control not in SUPPORT_CONTROLS:
+        raise ConfigError(f"support_control={support_control!r} is unknown; choose one of: {', '.join(SUPPORT_CONTROLS)}.")
     model.eval()
     layout = lambda t: t  # noqa: E731
     if channels_last:
@@ -98,8 +136,9 @@ def evaluate_model(
         torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if precision == "bf16" \
         else contextlib.nullcontext
-    results, samples = [], []
+    results, samples, shifts = [], [], []
     for run in range(protocol.runs):
+        shifts.append(ShiftedSupports() if support_control == "shifted" else None)
         episodes = protocol.episode_dataset(data, shot, run=run, ways=ways)
         loader = EpisodeLoader(episodes, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                pin=device.type == "cuda", generator=torch.Generator().manual_seed(0))
@@ -111,6 +150,8 @@ def evaluate_model(
         cached = feature_cache.attached(model) if feature_cache is not None else contextlib.nullcontext()
         with torch.no_grad(), cached:
             for batch in batches:
+                if shifts[-1] is not None:
+                    batch = shifts[-1](batch)
                 with autocast():
                     logits = model.predict(layout(batch["support_images"].to(device)), batch["support_masks"].to(device),
                                            layout(batch["query_images"].to(device)))
@@ -131,6 +172,8 @@ def evaluate_model(
     summary["episodes"] = results[0]["episodes"]
     summary["class_episodes"] = results[0]["class_episodes"]
     summary["samples"] = samples
+    if shifts[0] is not None:
+        summary["support_control"] = {"name": support_control, "same_class_episodes": shifts[0].same_class}
     return summary
 
 

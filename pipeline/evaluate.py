@@ -32,16 +32,17 @@ import typer
 
 from fss.data.access import open_prepared
 from fss.errors import CheckpointError, ConfigError
-from fss.evaluation import evaluate_model, make_protocol, validation_protocol
+from fss.evaluation import SUPPORT_CONTROLS, evaluate_model, make_protocol, validation_protocol
 
 EVAL_KIND = "fss-evaluation"
 EVAL_VERSION = 1
 
 
-def _default_out(run_dir: Path | None, model: Path | None, protocol: str, shot: int) -> Path:
+def _default_out(run_dir: Path | None, model: Path | None, protocol: str, shot: int, control: str = "none") -> Path:
     base = run_dir if run_dir is not None else model.parent
     stem = "eval" if run_dir is not None else f"eval-{model.stem}"
-    return base / f"{stem}-{protocol}-{shot}shot.json"
+    suffix = "" if control == "none" else f"-{control}-support"
+    return base / f"{stem}-{protocol}-{shot}shot{suffix}.json"
 
 
 def evaluate_one(
@@ -70,12 +71,14 @@ def evaluate_one(
     channels_last: bool = False,
     feature_cache=None,
     allow_dataset_mismatch: bool = False,
+    support_control: str = "none",
 ) -> dict:
     """Evaluate one model file at ``shot`` shots and ``ways`` ways and write the JSON (and the figure).
 
     ``feature_cache`` (a ``FeatureCache`` or None) is shared by the calls of one command;
     the report gets its counters for this evaluation under ``feature_cache``. A model file
-    imported for another dataset is refused unless ``allow_dataset_mismatch``.
+    imported for another dataset is refused unless ``allow_dataset_mismatch``. ``support_control``:
+    ``fss.evaluation.SUPPORT_CONTROLS`` (the report records any but ``none``).
     """
     from fss.models.checkpoints import load_model_file
     from pipeline.runs import write_json
@@ -104,7 +107,7 @@ def evaluate_one(
         model, data, protocol, shot=shot, device=device, batch_size=batch_size, num_workers=num_workers,
         precision=precision, ways=ways, sample_episodes=n_samples, track=track,
         description=f"evaluate {meta['method']} fold {fold} {shot}-shot", channels_last=channels_last,
-        feature_cache=feature_cache,
+        feature_cache=feature_cache, support_control=support_control,
     )
     seconds = time.monotonic() - start
     cache_counts = None if feature_cache is None else {
@@ -176,6 +179,8 @@ def _report(result: dict, *, meta: dict, dataset: str, fold: int, shot: int, way
     }
     if cache_counts is not None:
         report["feature_cache"] = cache_counts
+    if "support_control" in result:  # absent for the default "none": those reports are unchanged
+        report["support_control"] = result["support_control"]
     if len(result["runs"]) > 1:
         report["miou_std"] = result["miou_std"]
         report["fb_iou_std"] = result["fb_iou_std"]
@@ -188,7 +193,10 @@ def small_metrics(report: dict) -> dict:
     """The few numbers of a table row (DVC metrics): mIoU and FB-IoU as fractions, method, fold,
     shot and episode count, plus the standard deviations over runs when there are several."""
     keys = ("method", "fold", "shot", "episodes", "miou", "fb_iou", "miou_std", "fb_iou_std")
-    return {k: report[k] for k in keys if k in report}
+    small = {k: report[k] for k in keys if k in report}
+    if "support_control" in report:
+        small["support_control"] = report["support_control"]["name"]
+    return small
 
 
 def metrics_path(out: Path) -> Path:
@@ -290,7 +298,7 @@ def _check_model_file(model: Path, dataset: str, ways: int, allow_dataset_mismat
     with_eval_ways(blob["method"], blob["knobs"], ways, model)
 
 
-def _check_arguments(run, model, shot, checkpoint: str, out, model_only: tuple) -> None:
+def _check_arguments(run, model, shot, checkpoint: str, out, model_only: tuple, support_control: str) -> None:
     """Refuse, in one line, argument combinations ``fss evaluate`` cannot run."""
     if (run is None) == (model is None):
         raise ConfigError("give either --run RUN_DIR or --model FILE (with --dataset, --root and --fold).")
@@ -303,6 +311,8 @@ def _check_arguments(run, model, shot, checkpoint: str, out, model_only: tuple) 
         raise ConfigError("--dataset/--root/--fold/--convention go with --model; a run directory knows its data.")
     if len(shot) > 1 and out is not None and "{shot}" not in str(out):
         raise ConfigError(f"--out {out} must contain {{shot}} when several --shot values are given.")
+    if support_control not in SUPPORT_CONTROLS:
+        raise ConfigError(f"--support-control {support_control!r}; choose one of: {', '.join(SUPPORT_CONTROLS)}.")
 
 
 def evaluate_command(
@@ -322,6 +332,9 @@ def evaluate_command(
     fold: Optional[int] = typer.Option(None, help="With --model: fold 0..3."),
     convention: Optional[str] = typer.Option(None, help="With --model on COCO: interleaved or contiguous."),
     ways: int = typer.Option(1, help="Ways per episode (N-way needs the panet protocol; PANet Table 3)."),
+    support_control: str = typer.Option(
+        "none", help="none, or shifted: score each episode with the previous episode's support, a control "
+                     "for whether the method uses its support (default out gets '-shifted-support')."),
     allow_dataset_mismatch: bool = typer.Option(
         False, "--allow-dataset-mismatch",
         help="With --model: evaluate a file imported for another dataset (e.g. COCO pyramid bins on PASCAL)."),
@@ -350,7 +363,7 @@ def evaluate_command(
     from pipeline.runs import write_json
 
     say = lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
-    _check_arguments(run, model, shot, checkpoint, out, (dataset, root, fold, convention))
+    _check_arguments(run, model, shot, checkpoint, out, (dataset, root, fold, convention), support_control)
     if run is not None:
         src = _run_source(run, checkpoint, device, num_workers)
     else:
@@ -379,14 +392,14 @@ def evaluate_command(
     reports = []
     for k in shot:
         out_k = Path(str(out).format(shot=k, protocol=name)) if out is not None else _default_out(
-            run, model, name, k)
+            run, model, name, k, support_control)
         fig_k = Path(str(figure).format(shot=k, protocol=name)) if figure is not None else out_k.with_suffix(".png")
         report = evaluate_one(
             model_path=model_path, selection=selection, method_meta=None, data=data, dataset=ds_name, fold=fold_,
             shot=k, protocol=proto, device=dev, batch_size=bs, num_workers=workers, precision=precision,
             ways=ways, out=out_k, figure=fig_k, figure_episodes=test_cfg.figure_episodes, tracking=tracking,
             run_dir=run, group_shot=group_shot or k, track=track, say=say, channels_last=channels_last,
-            feature_cache=fcache, allow_dataset_mismatch=allow_dataset_mismatch,
+            feature_cache=fcache, allow_dataset_mismatch=allow_dataset_mismatch, support_control=support_control,
         )
         write_json(metrics_path(out_k), small_metrics(report))
         console.print(
