@@ -17,7 +17,10 @@ Output JSON (``--out``, default ``RUN_DIR/eval-<protocol>-<K>shot.json``)::
      "episodes", "protocol", "protocol_options", "checkpoint", "checkpoint_selection",
      "method", "dataset", "backbone", "fold", "shot", "train_shot", ...}
 
-and a PNG of sample episodes next to it (support, query, ground truth, prediction), and the
+plus ``"support_control": {"name", "same_class_episodes"}`` when ``--support-control shifted``
+scored each episode with the previous episode's support (``fss.evaluation.ShiftedSupports``;
+default output name ``...-<K>shot-shifted-support.json``), and a PNG of sample episodes next
+to it (support, query, ground truth, prediction; the support the model was given), and the
 small metrics file ``<out>.metrics.json`` (:func:`small_metrics`: what a table row needs,
 declared as DVC ``metrics`` by dvc.yaml while the full report is a cached output).
 """
