@@ -57,6 +57,27 @@ def _builder(name: str) -> Callable[..., nn.Module]:
 #: name -> constructor(weights: str | None) -> nn.Module
 BACKBONES = {name: _builder(name) for name in _CONSTRUCTORS}
 
+#: the stages of every backbone, in order
+STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
+
+
+def chosen_stages(method: str, layers) -> tuple[str, ...]:
+    """A method's ``layers`` knob as a tuple, refused in one line when empty."""
+    if not layers:
+        raise ConfigError(f"knob 'layers' of method {method!r} is empty; name at least one backbone stage, e.g. [layer3].")
+    return tuple(layers)
+
+
+def stage_outputs(net: nn.Module, x, layers: tuple[str, ...]) -> tuple:
+    """The outputs of the stages in ``layers`` (in stage order), running ``net`` only as deep as the deepest."""
+    last = max(STAGES.index(name) for name in layers)
+    outs = []
+    for name in STAGES[: last + 1]:
+        x = getattr(net, name)(x)
+        if name in layers:
+            outs.append(x)
+    return tuple(outs)
+
 
 def list_backbones() -> list[str]:
     return sorted(BACKBONES)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fss.errors import CheckpointError, ConfigError
-from fss.models.backbones import build_backbone
+from fss.models.backbones import STAGES, build_backbone, chosen_stages, stage_outputs
 from fss.models.backbones.vgg import panet_key_to_backbone_key
 from fss.models.base import FSSModel, ModelOutput
 from fss.models.blocks import upsampled_masked_average_pool
@@ -49,7 +49,6 @@ IGNORE_INDEX = 255
 OTHER_EPISODE_CLASS = 2
 
 PANET_BACKBONES = ("vgg16", "small", "resnet50", "resnet101", "resnet50v2", "resnet101v2")
-STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
 
 PANET_KNOBS = {
     "par": Knob(True, bool, table="PANet Table 5",
@@ -137,10 +136,7 @@ class PANet(FSSModel):
         layers: list,
     ) -> None:
         super().__init__()
-        if not layers:
-            raise ConfigError("knob 'layers' of method 'panet' is empty; name at least one backbone stage, e.g. [layer4].")
-        self.layers = tuple(layers)
-        self.last = max(STAGES.index(name) for name in self.layers)
+        self.layers = chosen_stages("panet", layers)
         self.shot = shot
         self.bn_eval = bn_eval
         self.par = par
@@ -166,12 +162,7 @@ class PANet(FSSModel):
         """Features ``[N, C, h, w]`` of the ``layers`` stages (default: the last stage's output)."""
 
         def stages(rows):
-            x, outs = images[rows], []
-            for name in STAGES[: self.last + 1]:
-                x = getattr(self.backbone, name)(x)
-                if name in self.layers:
-                    outs.append(x)
-            return tuple(outs)
+            return stage_outputs(self.backbone, images[rows], self.layers)
 
         # frozen_features: the evaluation feature cache hook (base.py); a plain call in training
         feats = self.frozen_features("panet.encode:" + ",".join(self.layers), stages, images)

@@ -16,13 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fss.errors import ConfigError
-from fss.models.backbones import build_backbone
+from fss.models.backbones import STAGES, build_backbone, chosen_stages, stage_outputs
 from fss.models.base import FSSModel, ModelOutput
 from fss.models.blocks import cross_entropy_ignore, masked_average_pool, resize_bilinear
 from fss.models.registry import Knob, register_method
 
-STAGES = ("layer0", "layer1", "layer2", "layer3", "layer4")
 MAP_EPS = 5e-4
 
 PROTOTYPE_KNOBS = {
@@ -45,14 +43,11 @@ class Prototype(FSSModel):
                  layers: list, scale: float) -> None:
         super().__init__()
         self.shot = shot
-        self.layers = tuple(layers)
-        if not self.layers:
-            raise ConfigError("knob 'layers' of method 'prototype' is empty; name at least one backbone stage, e.g. [layer2, layer3].")
+        self.layers = chosen_stages("prototype", layers)
         self.scale = scale
         self.backbone = build_backbone(backbone, weights=backbone_weights)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        self.last = max(STAGES.index(name) for name in self.layers)
         self.train(self.training)
 
     def train(self, mode: bool = True):
@@ -65,17 +60,11 @@ class Prototype(FSSModel):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Concatenated features of the chosen stages at the deepest chosen stage's size."""
-
         def stages(rows):
-            x, outs = images[rows], []
-            for name in STAGES[: self.last + 1]:
-                x = getattr(self.backbone, name)(x)
-                if name in self.layers:
-                    outs.append(x)
-            return tuple(outs)
+            return stage_outputs(self.backbone, images[rows], self.layers)
 
-        with torch.no_grad():
-            feats = self.frozen_features("prototype.encode:" + ",".join(self.layers), stages, images)  # cache key per stage set
+        with torch.no_grad():  # the cache key names the stage set
+            feats = self.frozen_features("prototype.encode:" + ",".join(self.layers), stages, images)
         size = feats[-1].shape[-2:]
         return torch.cat([resize_bilinear(f, size) for f in feats], dim=1)
 
