@@ -23,7 +23,7 @@ from pipeline.config_schema import SECTIONS, section_keys
 #: (``benchmark`` and ``prepare`` by dvc.yaml; ``pretrain`` by :func:`resolve_params_section`)
 PARAMS_SECTIONS = ("benchmark", "prepare", "pretrain", "defaults", "methods", "datasets")
 BENCHMARK_KEYS = ("dataset", "root", "backbone", "weights", "methods", "folds", "pretrain_backbones",
-                  "sweeps", "train_shot", "protocol", "device")
+                  "pretrain_base_classes", "sweeps", "train_shot", "protocol", "device")
 PREPARE_KEYS = ("seed", "size", "train_images", "val_images", "holdout_images")
 #: keys of one run-config layer (defaults, methods.M, datasets.D, methods.M.datasets.D)
 LAYER_KEYS = ("backbone", "backbone_weights", "knobs", *SECTIONS)

@@ -173,6 +173,31 @@ def test_real_data_grid_has_no_synthetic_stages(tmp_path, subprocess_env, monkey
     assert {str(d.def_path) for d in stage.deps} >= {"data/pascal", "pretrained"}
 
 
+@pytest.mark.slow
+def test_base_class_backbones_per_fold_feed_the_train_stages(tmp_path, subprocess_env):
+    """benchmark.pretrain_base_classes adds one pretrain_base stage per backbone and fold; with
+    benchmark.weights pointing at its {fold} file, each train stage starts from its own fold's
+    base-class backbone, which saw that fold's novel classes only as background."""
+    import torch
+
+    p = _tiny_params()
+    p["benchmark"].update(methods=["prototype"], folds=[0, 1], pretrain_backbones=[], sweeps={},
+                          pretrain_base_classes=["small"], weights="pretrained/{backbone}-base-fold{fold}.pt")
+    work = _dvc_repo(tmp_path / "repo", p, subprocess_env)
+    stages = _run([DVC, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
+    assert stages[:3] == ["prepare", "pretrain_base@small-0", "pretrain_base@small-1"]
+    _run([DVC, "repro", "train@prototype-1"], work, subprocess_env)
+    about = json.loads((work / "pretrained" / "small-base-fold1.json").read_text())
+    assert (about["source"], about["fold"]) == ("base_classes", 1)
+    assert about["novel_classes_seen_as_background"] == [6, 7, 8, 9, 10]
+    run = yaml.safe_load((work / "runs" / "prototype" / "fold1" / "config.yaml").read_text())
+    assert run["backbone_weights"] == "pretrained/small-base-fold1.pt"
+    weights = torch.load(work / "pretrained" / "small-base-fold1.pt")
+    model = torch.load(work / "runs" / "prototype" / "fold1" / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(model[f"backbone.{k}"], v) for k, v in weights.items() if f"backbone.{k}" in model)
+    assert sum(f"backbone.{k}" in model for k in weights) > 10
+
+
 def _raw_pascal(root: Path):
     """VOC2012 + SBD in their release formats, enough for fold-0 episodes: every base class
     (6-20) in 2 VOC-train images (also SBD train), every fold-0 novel class (1-5) in 6 VOC-val
