@@ -4,13 +4,14 @@
 fractions). From it, with pandas:
 
 * ``table_miou.{md,tex,csv}``: APANet Table I layout, rows = methods, column groups per
-  shot setting (1-shot, 5-shot), each with Fold-0..Fold-3 and Mean (mIoU in %). The mean
-  is over the folds present; a table with missing folds says so.
+  shot setting (1-shot, 5-shot; evaluations with ``--support-control shifted`` get their own
+  group after their shot's, ``1-shot shifted support``), each with Fold-0..Fold-3 and Mean
+  (mIoU in %). The mean is over the folds present; a table with missing folds says so.
 * ``table_fbiou.{md,tex,csv}``: FB-IoU (%) per setting, mean over folds.
 * ``chart_miou.png``: mean mIoU per method and setting.
 * ``summary.json``: mean mIoU / FB-IoU (%) per method and setting, keyed by table.
 * ``metrics/<dataset>-<backbone>-<protocol>/<row>-<K>shot.json``: one small file per table
-  row and shot (method, shot, folds, mean mIoU and FB-IoU as fractions), the DVC metrics of
+  row and setting (``<row>-<K>shot-shifted-support.json`` for the support control) (method, shot, folds, mean mIoU and FB-IoU as fractions), the DVC metrics of
   the aggregate stage (one short row each in ``dvc metrics show``).
 
 One table per (dataset, backbone, protocol); rows are methods, suffixed with "(imported)"
@@ -31,7 +32,7 @@ from fss.errors import ConfigError
 
 RESULT_COLUMNS = [
     "method", "dataset", "backbone", "shot", "fold", "miou", "fb_iou", "miou_std", "fb_iou_std",
-    "episodes", "runs", "protocol", "train_shot", "selection", "variant", "source",
+    "episodes", "runs", "protocol", "train_shot", "selection", "variant", "support", "source",
 ]
 FOLDS = (0, 1, 2, 3)
 
@@ -63,7 +64,8 @@ def collect_results(files: Iterable[Path]):
         try:
             rows.append({
                 "method": d["method"], "dataset": d["dataset"], "backbone": d["backbone"],
-                "shot": int(d["shot"]), "fold": int(d["fold"]), "miou": float(d["miou"]),
+                "shot": int(d["shot"]), "support": (d.get("support_control") or {}).get("name", "own"),
+                "fold": int(d["fold"]), "miou": float(d["miou"]),
                 "fb_iou": float(d["fb_iou"]), "miou_std": d.get("miou_std", math.nan),
                 "fb_iou_std": d.get("fb_iou_std", math.nan), "episodes": int(d["episodes"]),
                 "runs": int(d.get("num_runs", 1)), "protocol": d["protocol"],
@@ -77,14 +79,14 @@ def collect_results(files: Iterable[Path]):
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     if df.empty:
         return df
-    key = ["dataset", "backbone", "protocol", "method", "variant", "train_shot", "shot", "fold"]
+    key = ["dataset", "backbone", "protocol", "method", "variant", "train_shot", "shot", "support", "fold"]
     df = df.sort_values(key, kind="stable")
     dup = df[df.duplicated(key, keep=False)]
     if not dup.empty:
         first = dup.iloc[0]
         files = ", ".join(dup[(dup[key] == first[key]).all(axis=1)]["source"])
         raise ConfigError(
-            f"several evaluations of {first['method']} fold {first['fold']} {first['shot']}-shot "
+            f"several evaluations of {first['method']} fold {first['fold']} {_setting(first['shot'], first['support'])} "
             f"({first['protocol']}): {files}; keep one of them."
         )
     return df.reset_index(drop=True)
@@ -95,6 +97,22 @@ def _row_label(method: str, train_shot, variant: str = "trained") -> str:
     if train_shot is None or (isinstance(train_shot, float) and math.isnan(train_shot)) or int(train_shot) == 1:
         return label
     return f"{label} (trained {int(train_shot)}-shot)"
+
+
+def _setting(shot, support: str = "own") -> str:
+    """A column group: ``1-shot``, or ``1-shot shifted support`` for a support-control evaluation."""
+    return f"{int(shot)}-shot" + ("" if support == "own" else f" {support} support")
+
+
+def _setting_order(setting: str) -> tuple[int, bool]:
+    """Column groups by shot, each shot's own-support group before its control."""
+    return int(setting.split("-")[0]), " " in setting
+
+
+def _with_settings(df):
+    """``df`` with the table's ``row`` label and column group ``setting`` of every evaluation."""
+    return df.assign(row=[_row_label(m, t, v) for m, t, v in zip(df["method"], df["train_shot"], df["variant"])],
+                     setting=[_setting(s, c) for s, c in zip(df["shot"], df["support"])])
 
 
 #: training-free rows, shown first so that every reader sees what training adds over them
@@ -111,10 +129,9 @@ def miou_table(df):
     """Rows = methods; columns (setting, Fold-0..3 | Mean), mIoU in %."""
     import pandas as pd
 
-    d = df.assign(row=[_row_label(m, t, v) for m, t, v in zip(df["method"], df["train_shot"], df["variant"])],
-                  setting=[f"{s}-shot" for s in df["shot"]], value=100 * df["miou"])
+    d = _with_settings(df).assign(value=100 * df["miou"])
     wide = d.pivot_table(index="row", columns=["setting", "fold"], values="value", aggfunc="first")
-    settings = sorted(d["setting"].unique(), key=lambda s: int(s.split("-")[0]))
+    settings = sorted(d["setting"].unique(), key=_setting_order)
     cols = {}
     for s in settings:
         for f in FOLDS:
@@ -129,10 +146,9 @@ def miou_table(df):
 
 def fbiou_table(df):
     """Rows = methods; one column per setting: FB-IoU (%) averaged over the folds present."""
-    d = df.assign(row=[_row_label(m, t, v) for m, t, v in zip(df["method"], df["train_shot"], df["variant"])],
-                  setting=[f"{s}-shot" for s in df["shot"]], value=100 * df["fb_iou"])
+    d = _with_settings(df).assign(value=100 * df["fb_iou"])
     table = d.pivot_table(index="row", columns="setting", values="value", aggfunc="mean")
-    table = table[sorted(table.columns, key=lambda s: int(s.split("-")[0]))]
+    table = table[sorted(table.columns, key=_setting_order)]
     table.index.name = "Method"
     table.columns.name = None
     return _floor_first(table)
@@ -278,14 +294,17 @@ def metrics_rows(df) -> dict[str, dict]:
     """Per table row and shot, the mean over the folds present of mIoU and FB-IoU (fractions),
     keyed by the file's path under ``metrics/`` (``synthetic-small-pfenet/apanet-1shot.json``)."""
     rows = {}
-    key = ["dataset", "backbone", "protocol", "method", "variant", "train_shot", "shot"]
-    for (dataset, backbone, protocol, method, variant, train_shot, shot), g in df.groupby(key, dropna=False, sort=True):
+    key = ["dataset", "backbone", "protocol", "method", "variant", "train_shot", "shot", "support"]
+    for (dataset, backbone, protocol, method, variant, train_shot, shot, support), g in df.groupby(
+            key, dropna=False, sort=True):
         name = method + ("" if variant == "trained" else f"-{variant}")
         if not (isinstance(train_shot, float) and math.isnan(train_shot)) and int(train_shot) != 1:
             name += f"-trained{int(train_shot)}shot"
-        rows[f"{dataset}-{backbone}-{protocol}/{name}-{int(shot)}shot.json"] = {
+        control = "" if support == "own" else f"-{support}-support"
+        rows[f"{dataset}-{backbone}-{protocol}/{name}-{int(shot)}shot{control}.json"] = {
             "method": method, "shot": int(shot), "folds": int(g["fold"].nunique()),
-            "miou": float(g["miou"].mean()), "fb_iou": float(g["fb_iou"].mean())}
+            "miou": float(g["miou"].mean()), "fb_iou": float(g["fb_iou"].mean())} | (
+            {} if support == "own" else {"support_control": support})
     return rows
 
 

@@ -19,7 +19,8 @@ Output JSON (``--out``, default ``RUN_DIR/eval-<protocol>-<K>shot.json``)::
 
 plus ``"support_control": {"name", "same_class_episodes"}`` when ``--support-control shifted``
 scored each episode with the previous episode's support (``fss.evaluation.ShiftedSupports``;
-default output name ``...-<K>shot-shifted-support.json``), and a PNG of sample episodes next
+the output name, default or ``--out``, gets ``-shifted-support`` before ``.json``; repeat
+``--support-control`` to score each shot with and without the control in one process), and a PNG of sample episodes next
 to it (support, query, ground truth, prediction; the support the model was given), and the
 small metrics file ``<out>.metrics.json`` (:func:`small_metrics`: what a table row needs,
 declared as DVC ``metrics`` by dvc.yaml while the full report is a cached output).
@@ -41,11 +42,30 @@ EVAL_KIND = "fss-evaluation"
 EVAL_VERSION = 1
 
 
+def _control_suffix(control: str) -> str:
+    return "" if control == "none" else f"-{control}-support"
+
+
 def _default_out(run_dir: Path | None, model: Path | None, protocol: str, shot: int, control: str = "none") -> Path:
     base = run_dir if run_dir is not None else model.parent
     stem = "eval" if run_dir is not None else f"eval-{model.stem}"
-    suffix = "" if control == "none" else f"-{control}-support"
-    return base / f"{stem}-{protocol}-{shot}shot{suffix}.json"
+    return base / f"{stem}-{protocol}-{shot}shot{_control_suffix(control)}.json"
+
+
+def _output_paths(out: Path | None, figure: Path | None, run: Path | None, model: Path | None, protocol: str,
+                  shot: int, control: str) -> tuple[Path, Path]:
+    """The JSON and PNG of one (shot, support control) evaluation. ``--out``/``--figure`` templates get
+    ``{shot}``/``{protocol}`` filled in and, for a control other than ``none``, the same
+    ``-<control>-support`` before the extension as the default name."""
+    if out is None:
+        out_k = _default_out(run, model, protocol, shot, control)
+    else:
+        out_k = Path(str(out).format(shot=shot, protocol=protocol))
+        out_k = out_k.with_name(out_k.stem + _control_suffix(control) + out_k.suffix)
+    if figure is None:
+        return out_k, out_k.with_suffix(".png")
+    fig_k = Path(str(figure).format(shot=shot, protocol=protocol))
+    return out_k, fig_k.with_name(fig_k.stem + _control_suffix(control) + fig_k.suffix)
 
 
 def evaluate_one(
@@ -301,7 +321,7 @@ def _check_model_file(model: Path, dataset: str, ways: int, allow_dataset_mismat
     with_eval_ways(blob["method"], blob["knobs"], ways, model)
 
 
-def _check_arguments(run, model, shot, checkpoint: str, out, model_only: tuple, support_control: str) -> None:
+def _check_arguments(run, model, shot, checkpoint: str, out, model_only: tuple, support_control: list[str]) -> None:
     """Refuse, in one line, argument combinations ``fss evaluate`` cannot run."""
     if (run is None) == (model is None):
         raise ConfigError("give either --run RUN_DIR or --model FILE (with --dataset, --root and --fold).")
@@ -314,8 +334,11 @@ def _check_arguments(run, model, shot, checkpoint: str, out, model_only: tuple, 
         raise ConfigError("--dataset/--root/--fold/--convention go with --model; a run directory knows its data.")
     if len(shot) > 1 and out is not None and "{shot}" not in str(out):
         raise ConfigError(f"--out {out} must contain {{shot}} when several --shot values are given.")
-    if support_control not in SUPPORT_CONTROLS:
-        raise ConfigError(f"--support-control {support_control!r}; choose one of: {', '.join(SUPPORT_CONTROLS)}.")
+    for control in support_control:
+        if control not in SUPPORT_CONTROLS:
+            raise ConfigError(f"--support-control {control!r}; choose one of: {', '.join(SUPPORT_CONTROLS)}.")
+    if len(set(support_control)) < len(support_control) or len(set(shot)) < len(shot):
+        raise ConfigError(f"--shot {list(shot)} and --support-control {list(support_control)} must not repeat a value.")
 
 
 def evaluate_command(
@@ -335,9 +358,11 @@ def evaluate_command(
     fold: Optional[int] = typer.Option(None, help="With --model: fold 0..3."),
     convention: Optional[str] = typer.Option(None, help="With --model on COCO: interleaved or contiguous."),
     ways: int = typer.Option(1, help="Ways per episode (N-way needs the panet protocol; PANet Table 3)."),
-    support_control: str = typer.Option(
-        "none", help="none, or shifted: score each episode with the previous episode's support, a control "
-                     "for whether the method uses its support (default out gets '-shifted-support')."),
+    support_control: list[str] = typer.Option(
+        ["none"], "--support-control",
+        help="none, or shifted: score each episode with the previous episode's support, a control for whether "
+             "the method uses its support; repeat for several (every shot with each). The JSON of a control "
+             "other than none gets '-<control>-support' before .json, with or without --out."),
     allow_dataset_mismatch: bool = typer.Option(
         False, "--allow-dataset-mismatch",
         help="With --model: evaluate a file imported for another dataset (e.g. COCO pyramid bins on PASCAL)."),
@@ -393,24 +418,23 @@ def evaluate_command(
     bs = batch_size or test_cfg.batch_size
     fcache = _make_feature_cache(test_cfg, feature_cache, feature_cache_dir, feature_cache_mb)
     reports = []
-    for k in shot:
-        out_k = Path(str(out).format(shot=k, protocol=name)) if out is not None else _default_out(
-            run, model, name, k, support_control)
-        fig_k = Path(str(figure).format(shot=k, protocol=name)) if figure is not None else out_k.with_suffix(".png")
+    for control, k in ((c, k) for c in support_control for k in shot):
+        out_k, fig_k = _output_paths(out, figure, run, model, name, k, control)
         report = evaluate_one(
             model_path=model_path, selection=selection, method_meta=None, data=data, dataset=ds_name, fold=fold_,
             shot=k, protocol=proto, device=dev, batch_size=bs, num_workers=workers, precision=precision,
             ways=ways, out=out_k, figure=fig_k, figure_episodes=test_cfg.figure_episodes, tracking=tracking,
             run_dir=run, group_shot=group_shot or k, track=track, say=say, channels_last=channels_last,
-            feature_cache=fcache, allow_dataset_mismatch=allow_dataset_mismatch, support_control=support_control,
+            feature_cache=fcache, allow_dataset_mismatch=allow_dataset_mismatch, support_control=control,
         )
         write_json(metrics_path(out_k), small_metrics(report))
         console.print(
-            f"[green]{report['method']}[/green] fold {fold_} {k}-shot ({name}, {report['episodes']} episodes"
+            f"[green]{report['method']}[/green] fold {fold_} {k}-shot"
+            f"{'' if control == 'none' else f', {control} support'} ({name}, {report['episodes']} episodes"
             f"{', %d runs' % report['num_runs'] if report['num_runs'] > 1 else ''}): "
             f"mIoU {100 * report['miou']:.2f}  FB-IoU {100 * report['fb_iou']:.2f} -> {out_k}",
             highlight=False, soft_wrap=True,
         )
-        reports.append({k2: v for k2, v in report.items() if k2 in (
-            "method", "dataset", "fold", "shot", "miou", "fb_iou", "miou_std", "episodes", "protocol", "checkpoint")})
+        reports.append({k2: v for k2, v in small_metrics(report).items() if k2 != "fb_iou_std"}
+                       | {"dataset": report["dataset"], "protocol": name, "checkpoint": report["checkpoint"]})
     typer.echo(json.dumps(reports if len(reports) > 1 else reports[0], sort_keys=True))

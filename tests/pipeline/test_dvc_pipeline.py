@@ -83,9 +83,12 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
             report = json.loads((work / "evals" / m / f"fold0-{k}shot.json").read_text())
             assert report["shot"] == k and report["episodes"] == 6 and report["protocol"] == "pfenet"
             assert (work / "evals" / m / f"fold0-{k}shot.png").is_file()
+            control = json.loads((work / "evals" / m / f"fold0-{k}shot-shifted-support.json").read_text())
+            assert control["shot"] == k and control["support_control"]["name"] == "shifted"
         assert (work / "plots" / "train" / f"{m}-fold0" / "curves.csv").is_file()
     results = (work / "results" / "results.csv").read_text().splitlines()
-    assert results[0].startswith("method,dataset,backbone,shot,fold,miou,fb_iou") and len(results) == 5
+    assert results[0].startswith("method,dataset,backbone,shot,fold,miou,fb_iou") and len(results) == 9
+    assert "1-shot shifted support" in (work / "results" / "table_miou.md").read_text()
     sweep_table = work / "results" / "sweeps" / "embedded_apanet_lambda" / "table.md"
     assert sweep_table.is_file() and "0.5" in sweep_table.read_text()
     lock = yaml.safe_load((work / "dvc.lock").read_text())
@@ -131,10 +134,11 @@ def _metrics_travel_with_git_and_the_remote(work: Path, tmp_path: Path, env: dic
     shown = json.loads(_run([DVC, "metrics", "show", "--json"], work, env).stdout)
     files = shown[""]["data"] if "" in shown else next(iter(shown.values()))["data"]
     assert sorted(files) == sorted(
-        [f"evals/{m}/fold0-{k}shot.metrics.json" for m in METHODS for k in (1, 5)]
-        + [f"results/metrics/synthetic-small-pfenet/{m}-{k}shot.json" for m in METHODS for k in (1, 5)])
+        [f"evals/{m}/fold0-{k}shot{c}.metrics.json" for m in METHODS for k in (1, 5) for c in ("", "-shifted-support")]
+        + [f"results/metrics/synthetic-small-pfenet/{m}-{k}shot{c}.json" for m in METHODS for k in (1, 5)
+           for c in ("", "-shifted-support")])
     for name, row in files.items():
-        assert 0.0 <= row["data"]["miou"] <= 1.0 and len(row["data"]) <= 6, (name, row)
+        assert 0.0 <= row["data"]["miou"] <= 1.0 and len(row["data"]) <= 7, (name, row)
     _run([DVC, "remote", "add", "-d", "local", str(tmp_path / "remote")], work, env)
     _run(["git", "add", "-A"], work, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], work, env)
@@ -255,5 +259,6 @@ def test_dvc_repro_on_prepared_pascal_with_a_released_backbone_file(tmp_path, su
 
     results = pd.read_csv(work / "results" / "results.csv")
     assert set(results["dataset"]) == {"pascal"} and set(results["backbone"]) == {"resnet50v2"}
-    assert sorted(results["shot"]) == [1, 5] and set(results["fold"]) == {0}
+    assert sorted(results["shot"]) == [1, 1, 5, 5] and set(results["fold"]) == {0}
+    assert sorted(results["support"]) == ["own", "own", "shifted", "shifted"]
     assert "Running stage" not in _run([DVC, "repro"], work, subprocess_env).stdout

@@ -144,6 +144,27 @@ def test_tables_follow_the_papers_layout(tmp_path):
     assert summary["synthetic/small/pfenet/apanet/1-shot"]["miou"] == pytest.approx(45.0)
 
 
+def test_support_control_evaluations_get_their_own_column_group(tmp_path):
+    rows = [_evaluation("pfenet", f, s, miou=0.3 + 0.01 * f) for f in range(4) for s in (1, 5)]
+    rows += [_evaluation("pfenet", f, 1, miou=0.2, support_control={"name": "shifted", "same_class_episodes": 3})
+             for f in range(4)]
+    _write_grid(tmp_path / "evals", rows)
+    aggregate(tmp_path / "evals", tmp_path / "results")
+    table = miou_table(collect_results(find_evaluations(tmp_path / "evals")))
+    assert list(dict.fromkeys(table.columns.get_level_values(0))) == ["1-shot", "1-shot shifted support", "5-shot"]
+    assert table.loc["pfenet", ("1-shot shifted support", "Mean")] == pytest.approx(20.0)
+    assert table.loc["pfenet", ("1-shot", "Mean")] == pytest.approx(31.5)
+    metrics = tmp_path / "results" / "metrics" / "synthetic-small-pfenet"
+    assert sorted(p.name for p in metrics.iterdir()) == [
+        "pfenet-1shot-shifted-support.json", "pfenet-1shot.json", "pfenet-5shot.json"]
+    res = pd.read_csv(tmp_path / "results" / "results.csv")
+    assert sorted(res["support"].unique()) == ["own", "shifted"]
+    # the same fold and shot twice with the same control is a duplicate, named with its setting
+    _write_grid(tmp_path / "dup", [rows[-1], rows[-1]])
+    with pytest.raises(ConfigError, match="several evaluations of pfenet fold 3 1-shot shifted support"):
+        collect_results(find_evaluations(tmp_path / "dup"))
+
+
 def test_aggregate_refuses_duplicates_and_empty_dirs(tmp_path):
     _write_grid(tmp_path / "evals", [_evaluation("pfenet", 0, 1, 0.3), _evaluation("pfenet", 0, 1, 0.4)])
     with pytest.raises(ConfigError, match="several evaluations of pfenet fold 0 1-shot"):

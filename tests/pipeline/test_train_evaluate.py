@@ -130,6 +130,38 @@ def test_damaged_checkpoint_is_reported_and_not_loaded(synthetic_root, tmp_path,
     assert "\n" not in str(info.value) and str(ckpt) in str(info.value)
 
 
+def test_one_evaluate_scores_each_shot_with_and_without_the_support_control(reference_run, tmp_path, capsys):
+    out = tmp_path / "evals" / "pfenet" / "fold0-{shot}shot.json"
+    code, _, err = run_fss(["evaluate", "--run", reference_run, "--shot", 1, "--shot", 5, "--support-control", "none",
+                            "--support-control", "shifted", "--out", out], capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in out.parent.glob("*.json"))
+    assert names == sorted(f"fold0-{k}shot{c}{m}.json" for k in (1, 5) for c in ("", "-shifted-support")
+                           for m in ("", ".metrics"))
+    for k in (1, 5):
+        own = json.loads((out.parent / f"fold0-{k}shot.json").read_text())
+        shifted = json.loads((out.parent / f"fold0-{k}shot-shifted-support.json").read_text())
+        assert "support_control" not in own and shifted["support_control"]["name"] == "shifted"
+        assert shifted["shot"] == k and Path(shifted["figure"]).name == f"fold0-{k}shot-shifted-support.png"
+        small = json.loads((out.parent / f"fold0-{k}shot-shifted-support.metrics.json").read_text())
+        assert small["support_control"] == "shifted" and small["miou"] == shifted["miou"]
+    code, _, err = run_fss(["evaluate", "--run", reference_run, "--support-control", "shifted",
+                            "--support-control", "shifted"], capsys)
+    assert code != 0 and "must not repeat a value" in err
+
+    code, _, err = run_fss(["aggregate", "--runs", tmp_path / "evals", "--out", tmp_path / "results"], capsys)
+    assert code == 0, err
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "results" / "table_miou.csv")
+    means = [c for c in table.columns if c.endswith("Mean")]
+    assert means == ["1-shot Mean", "1-shot shifted support Mean", "5-shot Mean", "5-shot shifted support Mean"]
+    metric = json.loads((tmp_path / "results" / "metrics" / "synthetic-small-pfenet"
+                         / "pfenet-1shot-shifted-support.json").read_text())
+    shifted = json.loads((out.parent / "fold0-1shot-shifted-support.json").read_text())
+    assert metric["support_control"] == "shifted" and metric["miou"] == shifted["miou"]
+
+
 def test_evaluate_and_aggregate_through_the_cli(reference_run, tmp_path, capsys):
     out = tmp_path / "evals" / "pfenet-fold0-{shot}shot.json"
     code, stdout, err = run_fss(["evaluate", "--run", reference_run, "--shot", 1, "--shot", 5, "--out", out], capsys)
