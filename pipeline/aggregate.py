@@ -104,9 +104,10 @@ def _setting(shot, support: str = "own") -> str:
     return f"{int(shot)}-shot" + ("" if support == "own" else f" {support} support")
 
 
-def _setting_order(setting: str) -> tuple[int, bool]:
-    """Column groups by shot, each shot's own-support group before its control."""
-    return int(setting.split("-")[0]), " " in setting
+def _settings_in_order(df) -> list[str]:
+    """The column groups of ``df``: by shot, each shot's own-support group before its control."""
+    pairs = sorted(set(zip(df["shot"], df["support"])), key=lambda p: (int(p[0]), p[1] != "own", p[1]))
+    return [_setting(shot, support) for shot, support in pairs]
 
 
 def _with_settings(df):
@@ -131,7 +132,7 @@ def miou_table(df):
 
     d = _with_settings(df).assign(value=100 * df["miou"])
     wide = d.pivot_table(index="row", columns=["setting", "fold"], values="value", aggfunc="first")
-    settings = sorted(d["setting"].unique(), key=_setting_order)
+    settings = _settings_in_order(df)
     cols = {}
     for s in settings:
         for f in FOLDS:
@@ -148,7 +149,7 @@ def fbiou_table(df):
     """Rows = methods; one column per setting: FB-IoU (%) averaged over the folds present."""
     d = _with_settings(df).assign(value=100 * df["fb_iou"])
     table = d.pivot_table(index="row", columns="setting", values="value", aggfunc="mean")
-    table = table[sorted(table.columns, key=_setting_order)]
+    table = table[_settings_in_order(df)]
     table.index.name = "Method"
     table.columns.name = None
     return _floor_first(table)
