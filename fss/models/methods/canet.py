@@ -4,13 +4,13 @@ Pipeline (reference code ``icoz69/CaNet``, ``one_shot_network.py``):
 
 1. frozen backbone up to ``layer3`` (dilated, output stride 8);
 2. ``extract_features``: concat(layer2, layer3) -> 3x3 conv, dilation 2 -> 256 + ReLU +
-   Dropout2d(0.5), shared by support and query;
+   Dropout2d(0.5) (knob ``feature_dropout``), shared by support and query;
 3. ``support_prototype``: masked average pooling of the support feature with the support
    mask resized bilinearly (align_corners=True) to the feature size, eps 5e-4; K shots are
    averaged (CANet's attention-based K-shot fusion is not part of the reference code and is
    not implemented: prototype averaging, as protocol section 7);
 4. ``dense_comparison``: tile the prototype, concat with the query feature, 3x3 conv
-   (dilation 2) -> 256 + ReLU + Dropout2d(0.5);
+   (dilation 2) -> 256 + ReLU + Dropout2d(0.5) (the same knob);
 5. ``iom_decode``: the iterative optimisation module's three residual blocks, the first one
    taking the previous prediction's softmax (2 channels) as extra input, then the ASPP-like
    head (:class:`fss.models.blocks.ASPPHead`) -> 2 logits at 1/8;
@@ -73,6 +73,11 @@ CANET_KNOBS = {
         help="no-grad decoder passes that build the training history mask (history_mode "
         "in_forward); default 1",
     ),
+    "feature_dropout": Knob(
+        0.5, float, low=0.0, high=0.9,
+        help="Dropout2d probability after the shared feature layer (applied to support and query "
+        "separately) and after the dense comparison (reference 0.5 for both)",
+    ),
     "backbone_bn_train": Knob(
         False, bool,
         help="compatibility: keep the frozen backbone's BatchNorm in train mode (batch "
@@ -87,12 +92,12 @@ def _resize(x: torch.Tensor, size, align_corners: bool = True) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
-def _conv_relu_dropout(cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
+def _conv_relu_dropout(cin: int, cout: int, dropout: float, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
     padding = dilation * (kernel // 2)
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, bias=True),
         nn.ReLU(inplace=True),
-        nn.Dropout2d(p=0.5),
+        nn.Dropout2d(p=dropout),
     )
 
 
@@ -145,9 +150,11 @@ class CANet(FSSModel):
         train_history_steps: int,
         backbone_bn_train: bool,
         channels: int,
+        feature_dropout: float,
     ) -> None:
         super().__init__()
         self.feature_channels = int(channels)
+        self.feature_dropout = feature_dropout
         self.shot = shot
         self.iom_iterations = iom_iterations
         self.history_mode = history_mode
@@ -163,8 +170,8 @@ class CANet(FSSModel):
         self.backbone = net
         in_channels = net.stage_channels["layer2"] + net.stage_channels["layer3"]
         c = self.feature_channels
-        self.feature_reduce = _conv_relu_dropout(in_channels, c, dilation=2)  # "layer5"
-        self.dense_compare = _conv_relu_dropout(2 * c, c, dilation=2)  # "layer55"
+        self.feature_reduce = _conv_relu_dropout(in_channels, c, feature_dropout, dilation=2)  # "layer5"
+        self.dense_compare = _conv_relu_dropout(2 * c, c, feature_dropout, dilation=2)  # "layer55"
         self.iom_blocks = nn.ModuleList(
             [IOMResidualBlock(c + self.num_history_channels, c), IOMResidualBlock(c, c), IOMResidualBlock(c, c)]
         )

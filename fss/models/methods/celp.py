@@ -100,7 +100,7 @@ class CELP(PFENet):
         self.generator: torch.Generator | None = None
 
     def _build_reduction(self, in_channels: int, reduce_dim: int) -> None:
-        self.down_feat = _reduction(in_channels, reduce_dim)
+        self.down_feat = _reduction(in_channels, reduce_dim, self.feature_dropout)
 
     def reduce_query(self, mid: torch.Tensor) -> torch.Tensor:
         return self.down_feat(mid)

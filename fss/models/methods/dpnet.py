@@ -4,8 +4,8 @@ Pipeline (Fig. 2 of the paper), one shared implementation :class:`DPNet`:
 
 1. **Front end (CANet's).** Frozen backbone up to block 3 ("only the layers before the 4-th
    block are adopted"; BatchNorm in eval mode unless ``backbone_bn_train``). Feature
-   ``F = concat(layer2, layer3) -> 3x3 conv (dilation 2) -> 256 + ReLU + Dropout2d(0.5)``,
-   shared by support and query. Prototype ``P_k = MAP(F_s,k, M_s,k)`` per shot (support
+   ``F = concat(layer2, layer3) -> 3x3 conv (dilation 2) -> 256 + ReLU + Dropout2d(0.5)``
+   (knob ``feature_dropout``), shared by support and query. Prototype ``P_k = MAP(F_s,k, M_s,k)`` per shot (support
    mask resized bilinearly, align_corners=True, eps 5e-4, as CANet).
 2. **CCM** (Eq. 1-3, :func:`cycle_candidates`): cosine similarity between the support and
    query features taken *before the last ReLU of block 3*; for every support foreground
@@ -134,6 +134,8 @@ DPNET_KNOBS = {
                               "(batch statistics); default False = eval mode"),
     "channels": Knob(256, int, "width of the reduced features, MSF and ASPP decoders (paper 256; the "
                      "embedded synthetic benchmark uses 64)", low=4, high=2048),
+    "feature_dropout": Knob(0.5, float, "Dropout2d probability after the shared feature layer F, applied to "
+                            "support and query separately (reference 0.5)", low=0.0, high=0.9),
 }
 
 
@@ -313,9 +315,11 @@ class DPNet(FSSModel):
         msf_shared: bool,
         backbone_bn_train: bool,
         channels: int,
+        feature_dropout: float,
     ) -> None:
         super().__init__()
         self.feature_channels = int(channels)
+        self.feature_dropout = feature_dropout
         name = self.method_name
         if pseudo_prototype not in PSEUDO_PROTOTYPES:
             raise ConfigError(f"knob 'pseudo_prototype' of method '{name}' got {pseudo_prototype!r}; "
@@ -351,7 +355,7 @@ class DPNet(FSSModel):
         c = self.feature_channels
         in_channels = net.stage_channels["layer2"] + net.stage_channels["layer3"]
         self.feature_reduce = nn.Sequential(
-            nn.Conv2d(in_channels, c, 3, padding=2, dilation=2), nn.ReLU(inplace=True), nn.Dropout2d(p=0.5)
+            nn.Conv2d(in_channels, c, 3, padding=2, dilation=2), nn.ReLU(inplace=True), nn.Dropout2d(p=feature_dropout)
         )
         uses_candidates = self.pseudo_mode in ("cosine", "ccm")
         self.discriminator = Discriminator(c, dis_hidden) if uses_candidates and discriminator else None

@@ -66,6 +66,12 @@ PFENET_KNOBS = {
     ),
     "aux_weight": Knob(1.0, float, "weight of the mean per-bin auxiliary CE loss (reference 1.0)", low=0.0, high=100.0),
     "reduce_dim": Knob(256, int, "channels of the reduced mid-level features (reference 256)", low=4, high=2048),
+    "feature_dropout": Knob(
+        0.5, float,
+        "Dropout2d probability after the query and support reductions (reference 0.5; in "
+        "training each side loses its own random half of the channels they are compared on)",
+        low=0.0, high=0.9,
+    ),
     "backbone_bn_train": Knob(
         False, bool,
         "compatibility: keep the frozen backbone's BatchNorm in train mode like the PFENet "
@@ -102,9 +108,9 @@ def _conv_relu(cin: int, cout: int, kernel: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.ReLU(inplace=True)]
 
 
-def _reduction(cin: int, cout: int) -> nn.Sequential:
-    """1x1 conv + ReLU + Dropout2d(0.5): PFENet's down_query / down_supp."""
-    return nn.Sequential(*_conv_relu(cin, cout, 1), nn.Dropout2d(p=0.5))
+def _reduction(cin: int, cout: int, dropout: float = 0.5) -> nn.Sequential:
+    """1x1 conv + ReLU + Dropout2d (reference 0.5): PFENet's down_query / down_supp."""
+    return nn.Sequential(*_conv_relu(cin, cout, 1), nn.Dropout2d(p=dropout))
 
 
 def _classifier(dim: int, classes: int = 2) -> nn.Sequential:
@@ -148,6 +154,7 @@ class PFENet(FSSModel):
         pyramid_bins,
         aux_weight: float,
         reduce_dim: int,
+        feature_dropout: float,
         backbone_bn_train: bool,
     ) -> None:
         super().__init__()
@@ -156,6 +163,7 @@ class PFENet(FSSModel):
         self.pyramid_bins = parse_pyramid_bins(pyramid_bins)
         self.aux_weight = aux_weight
         self.reduce_dim = reduce_dim
+        self.feature_dropout = feature_dropout
         self.backbone_bn_train = backbone_bn_train
 
         self.backbone = build_backbone(backbone, weights=backbone_weights)
@@ -181,8 +189,8 @@ class PFENet(FSSModel):
 
     # -- mid-level feature reduction (CELP overrides with one shared ``down_feat``) ------
     def _build_reduction(self, in_channels: int, reduce_dim: int) -> None:
-        self.down_query = _reduction(in_channels, reduce_dim)
-        self.down_supp = _reduction(in_channels, reduce_dim)
+        self.down_query = _reduction(in_channels, reduce_dim, self.feature_dropout)
+        self.down_supp = _reduction(in_channels, reduce_dim, self.feature_dropout)
 
     def reduce_query(self, mid: torch.Tensor) -> torch.Tensor:
         return self.down_query(mid)
