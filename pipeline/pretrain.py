@@ -9,6 +9,10 @@ The synthetic benchmark has no such set, so this command makes one of two kinds
   class-agnostically (1 any object, 0 background, 255 ignored); ``images`` pool images of
   nominal side ``image_size`` from their own random stream (``seed``). No benchmark image and
   no benchmark class is seen, so one backbone serves every fold, as ImageNet does for PASCAL.
+* ``pool_classes``: the same pool, each object labelled with its pool class (20 pool classes +
+  background, ``fss.data.synthetic.pool_class_names``): a pool shape with the texture and hue
+  family of the benchmark class of the same id. Like ImageNet's categories, they teach
+  features that tell objects apart, without any benchmark image or class shape.
 * ``base_classes``: semantic segmentation of one fold's 15 base classes + background on the
   fold's training list (``lists/<convention>/fold<k>/train.txt``); novel-class pixels are
   background, exactly as in episodic base training. One backbone per fold (``--fold``).
@@ -36,7 +40,7 @@ from torch import nn
 
 from fss.data.classes import check_dataset, check_fold
 from fss.data.prepared import PreparedDataset
-from fss.data.synthetic import POOL_SHAPES, object_pool_image
+from fss.data.synthetic import POOL_SHAPES, object_pool_image, pool_class_names
 from fss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fss.errors import ConfigError
 from fss.models.backbones import build_backbone, list_backbones
@@ -47,7 +51,8 @@ from pipeline.config_params import resolve_params_section
 from pipeline.console import console, track as progress
 from pipeline.runs import write_json
 
-SOURCES = ("objects", "base_classes")
+SOURCES = ("objects", "pool_classes", "base_classes")
+POOL_SOURCES = ("objects", "pool_classes")
 DEFAULTS = {"source": "objects", "images": 800, "image_size": 48, "epochs": 6, "batch_size": 16, "lr": 0.02,
             "weight_decay": 1e-4, "momentum": 0.9, "size": 65, "seed": 0, "power": 0.9, "channels_last": False}
 
@@ -79,13 +84,15 @@ def load_split_tensors(data, base_classes: list[int], size: int, track: Callable
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
-def object_pool_tensors(seed: int, images: int, image_size: int, size: int, track: Callable | None = None):
-    """The pretraining pool (``fss.data.synthetic.object_pool_image``) as ``[N,3,S,S]`` and object masks ``[N,S,S]``."""
+def object_pool_tensors(seed: int, images: int, image_size: int, size: int, track: Callable | None = None,
+                        classes: bool = False):
+    """The pretraining pool (``fss.data.synthetic.object_pool_image``) as ``[N,3,S,S]`` and object masks
+    ``[N,S,S]`` (``classes``: pool class maps, 1..20)."""
     lut = np.arange(256, dtype=np.int64)
     indices = range(images)
     if track is not None:
         indices = track(indices, "draw the pretraining pool", images)
-    pairs = [_as_tensors(*object_pool_image(seed, i, image_size), lut, size) for i in indices]
+    pairs = [_as_tensors(*object_pool_image(seed, i, image_size, classes=classes), lut, size) for i in indices]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
@@ -115,14 +122,15 @@ def pretrain_backbone(
     """Pretrain a backbone on ``source`` (module docstring) and write its weights to ``out``.
 
     ``root``/``fold``/``convention``/``dataset`` are read for ``base_classes`` only; ``images``,
-    ``image_size`` for ``objects`` only. ``channels_last``: model and images in channels-last
+    ``image_size`` for the pool sources only. ``channels_last``: model and images in channels-last
     memory format (same arithmetic up to float rounding, faster for tiny CPU maps)."""
     _check_knobs(epochs=epochs, batch_size=batch_size, size=size, lr=lr, images=images, image_size=image_size)
     start = time.monotonic()
     dev = resolve_device(device)
-    if source == "objects":
-        x_all, y_all = object_pool_tensors(seed, images, image_size, size, track)
-        classes, about = 2, _pool_about(seed, images, image_size)
+    if source in POOL_SOURCES:
+        by_class = source == "pool_classes"
+        x_all, y_all = object_pool_tensors(seed, images, image_size, size, track, classes=by_class)
+        classes, about = (21 if by_class else 2), _pool_about(seed, images, image_size, by_class)
     elif source == "base_classes":
         data, x_all, y_all = _load_fold(root, fold, convention, dataset, size, track)
         classes, about = len(data.base_classes) + 1, _fold_about(data, fold)
@@ -170,10 +178,11 @@ def _train(model, optimizer, x_all, y_all, epochs, batch_size, lr, power, seed, 
     return losses
 
 
-def _pool_about(seed: int, images: int, image_size: int) -> dict:
-    """What an ``objects`` backbone was trained on: the pool, and no benchmark class."""
-    return {"pool": {"shapes": list(POOL_SHAPES), "seed": seed, "images": images, "image_size": image_size},
-            "benchmark_classes_seen": []}
+def _pool_about(seed: int, images: int, image_size: int, by_class: bool) -> dict:
+    """What a pool backbone was trained on: the pool, its labels, and no benchmark class."""
+    labels = list(pool_class_names()) if by_class else ["object"]
+    return {"pool": {"shapes": list(POOL_SHAPES), "seed": seed, "images": images, "image_size": image_size,
+                     "labels": labels}, "benchmark_classes_seen": []}
 
 
 def _fold_about(data, fold: int) -> dict:
@@ -260,14 +269,15 @@ def _train_set_scores(model, images, labels, k: int, dev, layout) -> tuple[float
 
 def pretrain_command(
     out: Path = typer.Option(..., help="Backbone weight file to write (.pt); a JSON report goes next to it."),
-    source: Optional[str] = typer.Option(None, help="objects (a pool of shapes no class has; default: "
-                                         "pretrain.source) or base_classes (one fold's base classes)."),
+    source: Optional[str] = typer.Option(None, help="objects (a pool of shapes no class has, one object label; "
+                                         "default: pretrain.source), pool_classes (the pool's 20 classes) or "
+                                         "base_classes (one fold's base classes)."),
     fold: Optional[int] = typer.Option(None, help="base_classes: the fold whose base classes are the only labels."),
     dataset: str = typer.Option("synthetic", help="base_classes: dataset of the prepared directory."),
     root: Path = typer.Option(Path("data/synthetic"), help="base_classes: prepared dataset directory."),
     backbone: str = typer.Option("small", help="Backbone to pretrain."),
     convention: Optional[str] = typer.Option(None, help="base_classes: fold convention (default: the dataset's)."),
-    images: Optional[int] = typer.Option(None, help="objects: pool images (default: pretrain.images)."),
+    images: Optional[int] = typer.Option(None, help="objects, pool_classes: pool images (default: pretrain.images)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: params.yaml pretrain.epochs)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default: pretrain.batch_size)."),
     lr: Optional[float] = typer.Option(None, help="Base learning rate (default: pretrain.lr)."),
@@ -276,7 +286,7 @@ def pretrain_command(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     params: Optional[Path] = typer.Option(None, help="Params file (default ./params.yaml)."),
 ) -> None:
-    """Pretrain a backbone without any benchmark class label (objects) or on one fold's base classes."""
+    """Pretrain a backbone without any benchmark label (objects, pool_classes) or on one fold's base classes."""
     check_dataset(dataset)
     if backbone not in list_backbones():
         raise ConfigError(f"unknown backbone {backbone!r}; choose one of: {', '.join(list_backbones())}.")

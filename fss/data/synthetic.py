@@ -47,7 +47,10 @@ with objects of ``POOL_SHAPES`` (star, hexagon, crescent, L, half-disc: no class
 no pool object is of any benchmark class) and a class-agnostic mask (1 any object, 0
 background, 255 band). It plays the role ImageNet plays for PASCAL: a separate labelled set
 that the backbone is pretrained on (``fss pretrain --source objects``); its images come from
-their own random stream, never the benchmark's.
+their own random stream, never the benchmark's. With ``classes=True`` each pool object is
+labelled with its pool class instead (``pool_class_names``: a pool shape with the texture and
+hue family of the benchmark class of the same id), the analogue of ImageNet's categories
+(``fss pretrain --source pool_classes``).
 
 Small-object rule. PASCAL's 2048 pixels is for ~500x375 images; the default scales it with
 the nominal image area: ``min_area = round(2048 * size * size / (500 * 375))`` (101 px at
@@ -126,6 +129,12 @@ def class_attributes(class_id: int) -> tuple[str, str, str]:
 def _attributes(class_id: int, shapes: tuple[str, ...]) -> tuple[str, str, str]:
     fold, j = divmod(class_id - 1, 5)
     return shapes[j], TEXTURES[(j + fold) % 4], HUES[(j + 2 * fold) % 5][0]
+
+
+def pool_class_names() -> tuple[str, ...]:
+    """Names of the pretraining pool's 20 classes (``hue-texture-shape``, shapes of ``POOL_SHAPES``).
+    Pool class ``c`` has the texture and hue family of benchmark class ``c``, never its shape."""
+    return tuple("-".join(reversed(_attributes(c, POOL_SHAPES))) for c in range(1, 21))
 
 
 def _class_hue(class_id: int) -> float:
@@ -375,10 +384,13 @@ def render_image(seed: int, index: int, size: int = DEFAULT_SIZE, *,
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), class_map, instance_map
 
 
-def object_pool_image(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def object_pool_image(seed: int, index: int, size: int, *, classes: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Image ``index`` of the pretraining pool and its object mask (1 any object, 0 background,
-    255 band): ``uint8 [H, W, 3]`` and ``uint8 [H, W]``."""
+    255 band): ``uint8 [H, W, 3]`` and ``uint8 [H, W]``. ``classes``: the pool class map
+    instead (1..20 pool classes, see ``pool_class_names``; 0 background, 255 band)."""
     image, class_map, _ = render_image(seed, index, size, pool=True)
+    if classes:
+        return image, class_map
     objects = (class_map > 0).astype(np.uint8)
     objects[class_map == C.IGNORE_INDEX] = C.IGNORE_INDEX
     return image, objects

@@ -50,7 +50,7 @@ def test_pretrain_writes_a_loadable_backbone(synthetic_root, tmp_path):
         pretrain_backbone(out, source="base_classes", root=synthetic_root, fold=1, epochs=1, dataset="pascal")
     with pytest.raises(ConfigError, match="needs --root and --fold"):
         pretrain_backbone(out, source="base_classes", root=synthetic_root, epochs=1)
-    with pytest.raises(ConfigError, match="source='imagenet' is unknown; choose one of: objects, base_classes"):
+    with pytest.raises(ConfigError, match="source='imagenet' is unknown; choose one of: objects, pool_classes, base_classes"):
         pretrain_backbone(out, source="imagenet", epochs=1)
 
 
@@ -71,6 +71,28 @@ def test_object_pool_pretraining_sees_no_benchmark_class(tmp_path):
                               batch_size=4, size=33, device="cpu")
     a, b = torch.load(out, weights_only=True), torch.load(tmp_path / "again.pt", weights_only=True)
     assert again["final_loss"] == report["final_loss"] and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pool_class_pretraining_labels_each_pool_object_with_its_pool_class(tmp_path):
+    """source=pool_classes: the same pool images, each object labelled with its pool class
+    (1..20, a pool shape with a benchmark class's texture and hue family), background 0, band
+    255; a 21-way head; still no benchmark image or class seen."""
+    from fss.data.synthetic import SHAPES, class_attributes, pool_class_names
+
+    images, objects = object_pool_tensors(seed=0, images=12, image_size=32, size=33)
+    same, classes = object_pool_tensors(seed=0, images=12, image_size=32, size=33, classes=True)
+    assert torch.equal(images, same)
+    assert torch.equal(classes == 255, objects == 255) and torch.equal((classes > 0) & (classes < 255), objects == 1)
+    assert len(set(torch.unique(classes).tolist()) - {0, 255}) > 4 and int(classes[classes < 255].max()) <= 20
+    names = pool_class_names()
+    assert len(set(names)) == 20 and not any(name.split("-")[2] in SHAPES for name in names)
+    assert names[6].split("-")[:2] == list(reversed(class_attributes(7)[1:]))  # texture and hue of class 7
+    report = pretrain_backbone(tmp_path / "pc.pt", source="pool_classes", images=12, image_size=32, epochs=1,
+                               batch_size=4, size=33, device="cpu")
+    assert report["source"] == "pool_classes" and report["pool"]["labels"] == list(names)
+    assert report["benchmark_classes_seen"] == [] and math.isfinite(report["final_loss"])
+    head = torch.load(tmp_path / "pc.pt", weights_only=True)
+    assert not any(k.startswith("head") for k in head)  # only the backbone is written
 
 
 def test_pretrain_channels_last_matches_the_default_layout(synthetic_root, tmp_path):
