@@ -275,13 +275,14 @@ def cross_entropy_ignore(logits: torch.Tensor, target: torch.Tensor, ignore_inde
     """Mean cross-entropy over the pixels whose target is not ``ignore_index``.
 
     Equals ``F.cross_entropy(..., ignore_index=...)`` but returns 0 (keeping the graph)
-    instead of NaN when every pixel is ignored. ``fg_weight`` != 1 weights the pixels of
-    class 1 (binary episodes): ``sum(w * ce) / sum(w)``, torch's class-weighted mean.
+    instead of NaN when every pixel is ignored. ``fg_weight`` != 1 weights the foreground
+    pixels (class 1 of a binary episode, any class > 0 of an N-way one): ``sum(w * ce) /
+    sum(w)``, torch's class-weighted mean.
     """
     target = target.long()
     if fg_weight != 1.0:
         ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
-        weight = torch.where(target == 1, fg_weight, 1.0) * (target != ignore_index)
+        weight = torch.where(target > 0, fg_weight, 1.0) * (target != ignore_index)
         return (ce * weight).sum() / weight.sum().clamp(min=1e-6)
     total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
     return total / (target != ignore_index).sum().clamp(min=1)

@@ -60,3 +60,7 @@ def test_fg_weight_is_the_class_weighted_mean():
     torch.testing.assert_close(cross_entropy_ignore(logits, target, fg_weight=3.0), want)
     plain = F.cross_entropy(logits, target, ignore_index=255)
     torch.testing.assert_close(cross_entropy_ignore(logits, target), plain)
+    three = torch.randn(2, 3, 5, 5, generator=g)  # N-way: every class > 0 is foreground
+    target3 = torch.randint(0, 3, (2, 5, 5), generator=g)
+    want3 = F.cross_entropy(three, target3, weight=torch.tensor([1.0, 3.0, 3.0]))
+    torch.testing.assert_close(cross_entropy_ignore(three, target3, fg_weight=3.0), want3)

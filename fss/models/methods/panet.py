@@ -235,7 +235,7 @@ class PANet(FSSModel):
         fg, bg = self.support_prototypes(support_feats, support_masks)
         low_logits = self.query_logits(query_feat, fg, bg)
         logits = _upsample(low_logits, query_images.shape[-2:])
-        seg = F.cross_entropy(logits.float(), query_masks.long(), ignore_index=IGNORE_INDEX)
+        seg = self.segmentation_ce(logits, query_masks)  # train.fg_weight on every way's foreground
         losses = {"seg": seg}
         total = seg
         if self.par:
