@@ -1,7 +1,7 @@
 """`fss pretrain`: the small backbone of the synthetic benchmark, pretrained without any class label of it.
 
 The FSS methods start from a backbone pretrained elsewhere (ImageNet for the real datasets).
-The synthetic benchmark has no such set, so this command makes one of two kinds
+The synthetic benchmark has no such set, so this command makes one of three kinds
 (``--source``, params ``pretrain.source``):
 
 * ``objects`` (the embedded default): a separate pool of synthetic images whose objects have
@@ -17,7 +17,7 @@ The synthetic benchmark has no such set, so this command makes one of two kinds
   fold's training list (``lists/<convention>/fold<k>/train.txt``); novel-class pixels are
   background, exactly as in episodic base training. One backbone per fold (``--fold``).
 
-Either way: images resized to ``size x size``, random horizontal flips; a small head on
+In every case: images resized to ``size x size``, random horizontal flips; a small head on
 ``layer4`` (3x3 conv 128 + BN + ReLU + 1x1 conv), logits upsampled bilinearly to the label
 size, cross-entropy ignoring 255; SGD (momentum 0.9) with the training runs' poly learning
 rate (``fss.schedule.poly_lr``). Only the backbone's weights are written (a plain state
