@@ -130,7 +130,8 @@ def pretrain_backbone(
     if source in POOL_SOURCES:
         by_class = source == "pool_classes"
         x_all, y_all = object_pool_tensors(seed, images, image_size, size, track, classes=by_class)
-        classes, about = (21 if by_class else 2), _pool_about(seed, images, image_size, by_class)
+        about = _pool_about(seed, images, image_size, by_class)
+        classes = len(about["pool"]["labels"]) + 1  # + background
     elif source == "base_classes":
         data, x_all, y_all = _load_fold(root, fold, convention, dataset, size, track)
         classes, about = len(data.base_classes) + 1, _fold_about(data, fold)

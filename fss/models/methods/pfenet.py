@@ -108,7 +108,7 @@ def _conv_relu(cin: int, cout: int, kernel: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.ReLU(inplace=True)]
 
 
-def _reduction(cin: int, cout: int, dropout: float = 0.5) -> nn.Sequential:
+def _reduction(cin: int, cout: int, dropout: float) -> nn.Sequential:
     """1x1 conv + ReLU + Dropout2d (reference 0.5): PFENet's down_query / down_supp."""
     return nn.Sequential(*_conv_relu(cin, cout, 1), nn.Dropout2d(p=dropout))
 
