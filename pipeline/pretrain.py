@@ -119,7 +119,10 @@ def pretrain_backbone(
     track: Callable | None = None,
     channels_last: bool = DEFAULTS["channels_last"],
 ) -> dict:
-    """Pretrain a backbone on ``source`` (module docstring) and write its weights to ``out``.
+    """Pretrain a backbone on ``source`` (module docstring), write its weights to ``out`` and a report
+    next to it; return the report plus ``seconds``, the wall-clock time, which the file leaves out
+    so that its bytes depend only on what the weights depend on (the graph's train stages depend
+    on ``pretrained/`` as a whole, and a rerun that reproduces the weights must not rerun them).
 
     ``root``/``fold``/``convention``/``dataset`` are read for ``base_classes`` only; ``images``,
     ``image_size`` for the pool sources only. ``channels_last``: model and images in channels-last
@@ -153,10 +156,9 @@ def pretrain_backbone(
     report = {"kind": "fss-pretrain", "backbone": backbone, "source": source, **about,
               "size": size, "epochs": epochs, "iterations": len(losses), "batch_size": batch_size, "lr": lr,
               "seed": seed, "channels_last": channels_last, "final_loss": sum(tail) / len(tail),
-              "train_pixel_accuracy": pixel_accuracy, "train_miou": miou,
-              "seconds": round(time.monotonic() - start, 2), "weights": str(out)}
+              "train_pixel_accuracy": pixel_accuracy, "train_miou": miou, "weights": str(out)}
     write_json(out.with_suffix(".json"), report)
-    return report
+    return {**report, "seconds": round(time.monotonic() - start, 2)}
 
 
 def _train(model, optimizer, x_all, y_all, epochs, batch_size, lr, power, seed, dev, layout, track, label):
@@ -298,6 +300,7 @@ def pretrain_command(
                                dataset=dataset, track=progress, **section)
     console.print(
         f"[green]pretrained[/green] {backbone} on {report['source']}: loss {report['final_loss']:.3f}, "
-        f"foreground mIoU (train) {100 * report['train_miou']:.1f} -> {out}", highlight=False, soft_wrap=True,
+        f"foreground mIoU (train) {100 * report['train_miou']:.1f}, {report['seconds']:.1f} s -> {out}",
+        highlight=False, soft_wrap=True,
     )
     typer.echo(json.dumps(report, sort_keys=True))
