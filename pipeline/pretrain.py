@@ -208,7 +208,9 @@ def _load_fold(root, fold: int | None, convention: str | None, dataset: str | No
                track: Callable | None):
     """The fold's prepared training split and its images/labels as tensors (labels remapped to the base classes)."""
     if root is None or fold is None:
-        raise ConfigError("pretrain source=base_classes needs --root and --fold (the fold whose base classes to learn).")
+        raise ConfigError("pretrain source=base_classes needs --root and --fold (the fold whose base classes to learn); "
+                          "in the DVC graph leave pretrain.source alone and list the backbone in "
+                          "benchmark.pretrain_base_classes (stages pretrain_base@<backbone>-<fold>).")
     check_fold(fold)
     data = PreparedDataset(root, fold, "train", convention)
     if dataset is not None and data.dataset != dataset:

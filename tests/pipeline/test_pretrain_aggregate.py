@@ -122,6 +122,10 @@ def test_pretrain_channels_last_matches_the_default_layout(synthetic_root, tmp_p
                                       str(synthetic_root), "--params", str(params)])
     assert isinstance(result.exception, ConfigError)
     assert "pretrain.channels_last must be true or false" in str(result.exception)
+    # the graph's pretrain@<backbone> stage passes no fold: params source base_classes points at pretrain_base
+    params.write_text("pretrain:\n  source: base_classes\n")
+    result = CliRunner().invoke(app, ["pretrain", "--out", str(tmp_path / "d.pt"), "--params", str(params)])
+    assert isinstance(result.exception, ConfigError) and "benchmark.pretrain_base_classes" in str(result.exception)
 
 
 def _evaluation(method, fold, shot, miou, fb=0.5, **extra) -> dict:
