@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.aggregate import _fmt
+
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Current results of the embedded benchmark"
 NAMES = {"prototype (floor)": "prototype", "APANet": "apanet", "CANet": "canet", "CELP": "celp",
@@ -29,8 +31,10 @@ def _committed(path: str) -> str:
     return done.stdout
 
 
-def _value(path: str, key: str = "miou") -> str:
-    return f"{100 * json.loads(_committed(path))[key]:.1f}"
+def _percent(path: str) -> dict[str, str]:
+    """The committed metrics file's mIoU and FB-IoU as `fss aggregate` prints them."""
+    metrics = json.loads(_committed(path))
+    return {key: _fmt(100 * metrics[key]) for key in ("miou", "fb_iou")}
 
 
 def _readme_rows() -> dict[str, list[str]]:
@@ -47,17 +51,18 @@ def _readme_rows() -> dict[str, list[str]]:
 
 
 def _expected(method: str) -> list[str]:
-    folds = [_value(f"evals/{method}/fold{k}-1shot.metrics.json") for k in range(4)]
-    means = [_value(f"{METRICS}/{method}-{setting}.json")
-             for setting in ("1shot", "1shot-shifted-support", "5shot", "5shot-shifted-support")]
-    fb = [_value(f"{METRICS}/{method}-{shot}.json", "fb_iou") for shot in ("1shot", "5shot")]
-    return folds + means + [f"{fb[0]} / {fb[1]}"]
+    folds = [_percent(f"evals/{method}/fold{k}-1shot.metrics.json")["miou"] for k in range(4)]
+    means = {setting: _percent(f"{METRICS}/{method}-{setting}.json")
+             for setting in ("1shot", "1shot-shifted-support", "5shot", "5shot-shifted-support")}
+    fb = f"{means['1shot']['fb_iou']} / {means['5shot']['fb_iou']}"
+    return folds + [m["miou"] for m in means.values()] + [fb]
 
 
 def test_readme_table_matches_the_committed_metrics():
     rows = _readme_rows()
     assert set(rows) == set(NAMES), f"README.md's results table has rows {sorted(rows)}; expected {sorted(NAMES)}"
     for name, method in NAMES.items():
-        assert rows[name] == _expected(method), (
+        expected = _expected(method)
+        assert rows[name] == expected, (
             f"README.md's row {name!r} reads {rows[name]} but the committed metrics give "
-            f"{_expected(method)}: copy the row from results/table_miou.md and table_fbiou.md")
+            f"{expected}: copy the row from results/table_miou.md and table_fbiou.md")
