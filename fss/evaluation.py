@@ -12,6 +12,8 @@ from typing import Any, Callable
 from fss.errors import ConfigError
 from fss.layout import channels_last_images
 
+#: the ``kind`` of an evaluation report (``fss evaluate``, validation and sweep trials)
+EVAL_KIND = "fss-evaluation"
 
 # ---------------------------------------------------------------- protocols
 

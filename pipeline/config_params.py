@@ -21,10 +21,21 @@ from pipeline.config_schema import SECTIONS, section_keys
 
 #: top-level sections of params.yaml, and the keys of those read outside the run config
 #: (``benchmark`` and ``prepare`` by dvc.yaml; ``pretrain`` by :func:`resolve_params_section`)
-PARAMS_SECTIONS = ("benchmark", "prepare", "pretrain", "defaults", "methods", "datasets")
+PARAMS_SECTIONS = ("benchmark", "prepare", "pretrain", "cluster", "defaults", "methods", "datasets")
 BENCHMARK_KEYS = ("dataset", "root", "backbone", "weights", "methods", "folds", "pretrain_backbones",
-                  "pretrain_base_classes", "sweeps", "train_shot", "protocol", "device")
+                  "pretrain_base_classes", "sweeps", "train_shot", "protocol", "device", "slots", "engine")
 PREPARE_KEYS = ("seed", "size", "train_images", "val_images", "holdout_images")
+#: section ``cluster``: the resources of one submitit job (a fold, a sweep worker; pipeline.parallel)
+CLUSTER_DEFAULTS: dict[str, Any] = {
+    "backend": "auto",  # auto (SLURM where sbatch exists, else local), slurm or local
+    "folder": "logs/submitit",  # submitit's job scripts and logs
+    "partition": "",
+    "account": "",
+    "gpus_per_job": 1,
+    "cpus_per_job": 8,
+    "mem_gb": 32,
+    "time_minutes": 1440,
+}
 #: keys of one run-config layer (defaults, methods.M, datasets.D, methods.M.datasets.D)
 LAYER_KEYS = ("backbone", "backbone_weights", "knobs", *SECTIONS)
 
@@ -69,6 +80,7 @@ def check_params(params: Mapping[str, Any], path: Path | None = None) -> None:
     _refuse_unknown(params, PARAMS_SECTIONS, "the top level", "section", path)
     _refuse_unknown(_mapping(params.get("benchmark"), "benchmark", path), BENCHMARK_KEYS, "benchmark", "key", path)
     _refuse_unknown(_mapping(params.get("prepare"), "prepare", path), PREPARE_KEYS, "prepare", "key", path)
+    _refuse_unknown(_mapping(params.get("cluster"), "cluster", path), CLUSTER_DEFAULTS, "cluster", "key", path)
     every_knob = {k for m in list_methods() for k in get_method(m).knobs}
     _check_layer(params.get("defaults"), "defaults", every_knob, path, nested=False)
     methods = _mapping(params.get("methods"), "methods", path)

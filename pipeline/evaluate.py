@@ -36,9 +36,10 @@ import typer
 
 from fss.data.access import open_prepared
 from fss.errors import CheckpointError, ConfigError
-from fss.evaluation import SUPPORT_CONTROLS, evaluate_model, make_protocol, validation_protocol
+from fss.evaluation import EVAL_KIND, SUPPORT_CONTROLS, evaluate_model, make_protocol
+from pipeline import parallel as P
+from pipeline.runs import RunDir
 
-EVAL_KIND = "fss-evaluation"
 EVAL_VERSION = 1
 
 
@@ -341,8 +342,44 @@ def _check_arguments(run, model, shot, checkpoint: str, out, model_only: tuple, 
         raise ConfigError(f"--shot {list(shot)} and --support-control {list(support_control)} must not repeat a value.")
 
 
+#: the options a run's evaluation passes on to each run's own command (flag: option name)
+FOLD_OPTIONS = {"shot": "--shot", "protocol": "--protocol", "episodes": "--episodes", "seed": "--seed", "runs": "--runs",
+                "size": "--size", "out": "--out", "figure": "--figure", "checkpoint": "--checkpoint", "ways": "--ways",
+                "support_control": "--support-control", "device": "--device", "batch_size": "--batch-size",
+                "num_workers": "--num-workers", "params": "--params", "feature_cache_dir": "--feature-cache-dir",
+                "feature_cache_mb": "--feature-cache-mb", "wandb": "--wandb", "feature_cache": "--feature-cache"}
+
+
+def fold_evaluate_args(run: Path, fold: int, options: dict) -> list[str]:
+    """The one-run `fss evaluate` arguments of ``run`` (``{fold}`` of --out/--figure filled with ``fold``)."""
+    args = ["evaluate", "--run", str(run)]
+    for name, flag in FOLD_OPTIONS.items():
+        value = options[name]
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else flag.replace("--", "--no-", 1))
+        elif isinstance(value, list):
+            args += [a for v in value for a in (flag, str(v))]
+        else:
+            args += [flag, str(value).replace("{fold}", str(fold))]
+    return args
+
+
+def evaluate_folds(runs: list[Path], options: dict, *, slots: str | None, engine: str | None,
+                   say: Callable[[str], None]) -> None:
+    """Evaluate ``runs`` at once, each in its own process or job (pipeline.parallel)."""
+    if options["out"] is not None and "{fold}" not in str(options["out"]) or len(set(runs)) < len(runs):
+        raise ConfigError("several --run need distinct run directories and {fold} in --out, e.g. --out evals/M/fold{fold}-{shot}shot.json.")
+    configs = [RunDir(r).load_config() for r in runs]
+    jobs = [P.Job(f"fold {c.fold}", P.fss_argv(*fold_evaluate_args(r, c.fold, options))) for r, c in zip(runs, configs)]
+    P.run_commands(jobs, what=f"evaluate {configs[0].method}", device=options["device"] or configs[0].train.device,
+                   threads=0, params=options["params"], slots=slots, engine=engine, say=say)
+
+
 def evaluate_command(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory of 'fss train'."),
+    run: Optional[list[Path]] = typer.Option(None, "--run", help="Run directory of 'fss train'; repeat for several, "
+                                             "evaluated at once (--out then contains {fold}; see --slots)."),
     shot: list[int] = typer.Option([1], "--shot", help="Shots at test time; repeat for several (--shot 1 --shot 5)."),
     protocol: Optional[str] = typer.Option(None, help="pfenet, bam, hsnet, panet or canet (default: the run's test.protocol)."),
     episodes: Optional[int] = typer.Option(None, help="Episodes per run (default: the protocol's, or test.episodes)."),
@@ -381,8 +418,13 @@ def evaluate_command(
              "trials (default: test.feature_cache_dir, none; not size-bounded)."),
     feature_cache_mb: Optional[int] = typer.Option(
         None, "--feature-cache-mb", help="Memory bound of the feature cache in MiB (default: test.feature_cache_mb, 2048)."),
+    slots: Optional[str] = typer.Option(None, help="With several --run: runs at once on this machine: auto (one per GPU, "
+                                        "or one per CPU core) or N (default: params benchmark.slots, auto)."),
+    engine: Optional[str] = typer.Option(None, help="With several --run: local (processes on this machine's slots) or "
+                                         "submitit (a job per run, resources from params 'cluster'; default: params "
+                                         "benchmark.engine, local)."),
 ) -> None:
-    """Evaluate a trained run or an imported model under a test protocol; writes JSON + PNG."""
+    """Evaluate a trained run (or several at once) or an imported model under a test protocol; writes JSON + PNG."""
     import dataclasses
     import json
 
@@ -391,6 +433,10 @@ def evaluate_command(
     from pipeline.runs import write_json
 
     say = lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+    if run and (len(run) > 1 or "{fold}" in str(out)):
+        options = {k: v for k, v in locals().items() if k in FOLD_OPTIONS}
+        return evaluate_folds(run, options, slots=slots, engine=engine, say=say)
+    run = run[0] if run else None
     _check_arguments(run, model, shot, checkpoint, out, (dataset, root, fold, convention), support_control)
     if run is not None:
         src = _run_source(run, checkpoint, device, num_workers)

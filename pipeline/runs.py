@@ -23,6 +23,7 @@ lists) and JSON strings for the config and the logging window.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -37,6 +38,7 @@ import yaml
 from fss.atomic import atomic_write_text, disk_full, remove_stale_temporaries  # noqa: F401  (re-exported: pipeline code imports it from here)
 from fss.errors import CheckpointError, ConfigError, StorageError
 
+from pipeline.codedeps import REPO, train_code
 from pipeline.config import RunConfig, config_differences, config_from_dict
 
 CHECKPOINT_FORMAT = "fss-train-state"
@@ -213,14 +215,10 @@ class RunDir:
 
 
 def input_digests(config: RunConfig) -> dict[str, str]:
-    """SHA-256 digests of what a run reads besides its configuration: ``code`` (every .py file
-    of the fss and pipeline packages), ``backbone weights`` (the file, when the config names
-    one) and ``data`` (the prepared root's meta.json, areas.tsv and lists, not the images)."""
-    import hashlib
-
-    import fss
-    import pipeline
-
+    """SHA-256 digests of what a run reads besides its configuration: ``code`` (the files its
+    method's train stage runs, :func:`pipeline.codedeps.train_code`: the same files dvc.yaml lists),
+    ``backbone weights`` (the file, when the config names one) and ``data`` (the prepared root's
+    meta.json, areas.tsv and lists, not the images)."""
     def digest(root: Path, files) -> str:
         h = hashlib.sha256()
         for f in sorted(files):
@@ -230,8 +228,7 @@ def input_digests(config: RunConfig) -> dict[str, str]:
                     h.update(block)
         return h.hexdigest()
 
-    code = [Path(fss.__file__).parent, Path(pipeline.__file__).parent]
-    out = {"code": digest(code[0].parent, [f for d in code for f in d.rglob("*.py")])}
+    out = {"code": digest(REPO, [REPO / f for f in train_code(config.method)])}
     weights = Path(config.backbone_weights) if config.backbone_weights else None
     if weights is not None and weights.is_file():
         out["backbone weights"] = digest(weights.parent, [weights])

@@ -41,7 +41,9 @@ from fss.evaluation import evaluate_model, validation_protocol
 from fss.layout import channels_last_batch
 from fss.schedule import poly_lr
 
+from pipeline import parallel as P
 from pipeline.config import RunConfig, bf16_cpu_warning, resolve_run_config
+from pipeline.console import console
 from pipeline.train_data import EpochBatches, build_training_episodes, open_split
 
 TrackFn = Callable[..., Any]
@@ -544,7 +546,8 @@ def _autocast(config: RunConfig, device):
 def train_command(
     method: str = typer.Option(..., help="Method name (see 'fss methods')."),
     dataset: str = typer.Option(..., help="pascal, coco or synthetic."),
-    fold: int = typer.Option(..., help="Fold 0..3."),
+    fold: list[int] = typer.Option(..., "--fold", help="Fold 0..3; repeat for several, trained at once (--out and "
+                                   "--plots-dir then contain {fold}; see --slots)."),
     shot: int = typer.Option(1, help="Shots per training episode."),
     out: Path = typer.Option(..., help="Run directory (created; rerun the same command to resume)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone (default from params.yaml)."),
@@ -560,14 +563,25 @@ def train_command(
         False, "--restart-on-change",
         help="When OUT holds a run of another config, code, backbone weights or data, empty it and start afresh "
              "instead of refusing (dvc.yaml's train stages); the same inputs resume."),
+    slots: Optional[str] = typer.Option(None, help="With several --fold: folds at once on this machine: auto (one per "
+                                        "GPU, or the CPU cores over train.num_threads) or N (default: params benchmark.slots, auto)."),
+    engine: Optional[str] = typer.Option(None, help="With several --fold: local (processes on this machine's slots) or "
+                                         "submitit (a job per fold: SLURM, resources from params 'cluster'; default: "
+                                         "params benchmark.engine, local)."),
 ) -> None:
-    """Train METHOD on one fold; the resolved config is saved in OUT and printed."""
+    """Train METHOD on one fold (or several at once); the resolved config is saved in OUT and printed."""
     import json
 
     from fss.errors import FSSError
     from pipeline import distributed as D
     from pipeline.console import console, track
 
+    if len(fold) > 1 or "{fold}" in str(out):
+        options = dict(method=method, dataset=dataset, shot=shot, backbone=backbone, iterations=iterations, epochs=epochs,
+                       device=device, set_=set_ or [], params=params, stop_after=stop_after, wandb=wandb,
+                       restart_on_change=restart_on_change)
+        return train_folds(fold, out, plots_dir, options, slots=slots, engine=engine)
+    fold = fold[0]
     follower = D.launched_rank() > 0  # torchrun rank > 0: silent (rank 0 prints, logs and errors)
     try:
         config = resolve_run_config(
@@ -588,3 +602,40 @@ def train_command(
         typer.echo(json.dumps(summary, sort_keys=True, default=str))
     if summary.get("status") == "stopped" and summary.get("signal") is not None:
         raise typer.Exit(130)  # interrupted: never report success (DVC must not record the outputs)
+
+
+# ---------------------------------------------------------------- several folds at once
+
+
+def fold_train_args(fold: int, out: str, plots_dir: str | None, o: dict) -> list[str]:
+    """The single-fold `fss train` arguments of ``fold`` (options ``o`` as train_command got them)."""
+    args = ["train", "--method", o["method"], "--dataset", o["dataset"], "--fold", str(fold), "--shot", str(o["shot"]),
+            "--out", out.format(fold=fold)]
+    for flag, key in (("--backbone", "backbone"), ("--iterations", "iterations"), ("--epochs", "epochs"),
+                      ("--device", "device"), ("--params", "params"), ("--stop-after", "stop_after")):
+        if o[key] is not None:
+            args += [flag, str(o[key])]
+    for value in o["set_"]:
+        args += ["--set", value]
+    if plots_dir is not None:
+        args += ["--plots-dir", plots_dir.format(fold=fold)]
+    if o["wandb"] is not None:
+        args.append("--wandb" if o["wandb"] else "--no-wandb")
+    if o["restart_on_change"]:
+        args.append("--restart-on-change")
+    return args
+
+
+def train_folds(folds: list[int], out: Path, plots_dir: Path | None, o: dict, *, slots: str | None,
+                engine: str | None) -> None:
+    """Train ``folds`` at once, each in its own process or job (pipeline.parallel)."""
+    if len(set(folds)) != len(folds) or "{fold}" not in str(out) or (plots_dir is not None and "{fold}" not in str(plots_dir)):
+        raise ConfigError("several --fold need distinct folds and {fold} in --out (and in --plots-dir), e.g. --out runs/M/fold{fold}.")
+    config = resolve_run_config(method=o["method"], dataset=o["dataset"], fold=folds[0], shot=o["shot"],
+                                backbone=o["backbone"], iterations=o["iterations"], epochs=o["epochs"],
+                                device=o["device"], params_path=o["params"], set_values=o["set_"])
+    jobs = [P.Job(f"fold {k}", P.fss_argv(*fold_train_args(k, str(out), None if plots_dir is None else str(plots_dir), o)))
+            for k in folds]
+    P.run_commands(jobs, what=f"train {o['method']} folds {', '.join(map(str, folds))}", device=config.train.device,
+                   threads=config.train.num_threads, params=o["params"], slots=slots, engine=engine,
+                   say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))

@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+#: MAP eps of the CANet reference (``area = ... + 0.0005``), at feature resolution; CANet,
+#: SimPropNet and DPNet (both bases) pool with it
+CANET_MAP_EPS = 5e-4
+
 
 def masked_average_pool(feat: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
     """MAP(F, M) = sum(F * M) / (sum(M) + eps) over the spatial axes.

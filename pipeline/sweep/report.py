@@ -20,13 +20,17 @@ from __future__ import annotations
 import json
 from itertools import product
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
+import optuna
+import typer
 from optuna.trial import TrialState
 
+from fss.errors import ConfigError
 from pipeline.runs import atomic_write_text, write_json
-from pipeline.sweep.queueing import counts
-from pipeline.sweep.study import label as _label, point_key
+from pipeline.sweep.queueing import LEGACY_LOCK, STUDY_INFO, counts
+from pipeline.sweep.storage import DEFAULT_JOURNAL, DEFAULT_SQLITE, normalize_storage, open_storage
+from pipeline.sweep.study import label as _label, load_study, point_key
 
 
 def _complete_trials(study) -> list:
@@ -295,3 +299,44 @@ def write_report(study, info: Mapping[str, Any], out: str | Path) -> list[Path]:
 
 
 __all__ = ["write_report", "table_rows", "importance", "pivot", "to_markdown", "to_latex"]
+
+
+# ---------------------------------------------------------------- the command `fss sweep report`
+
+
+def _open_for_report(name: str, storage: Optional[str]):
+    """(study, url, info) of an existing study; NAME may be the study file."""
+    output = Path("runs/sweeps") / name
+    if name.endswith((".yaml", ".yml")):
+        spec = load_study(name, check_configs=False)
+        name, output = spec.name, spec.output
+    if storage:
+        url = normalize_storage(storage)
+    else:
+        candidates = [output / DEFAULT_JOURNAL, output / DEFAULT_SQLITE]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise ConfigError(f"no storage of study '{name}' in {output}; pass --storage URL (where 'fss sweep run' wrote it).")
+        url = normalize_storage(str(found))
+    store = open_storage(url)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=name, storage=store)
+    except KeyError:
+        names = [s for s in optuna.get_all_study_names(store) if LEGACY_LOCK not in s]
+        raise ConfigError(f"storage {url} has no study '{name}'; its studies: {', '.join(names) or '(none)'}.") from None
+    info = study.user_attrs.get(STUDY_INFO)
+    if not info:
+        raise ConfigError(f"study '{name}' in {url} was not created by 'fss sweep run'; nothing to report.")
+    return study, url, info
+
+
+def report_command(
+    name: str = typer.Argument(..., help="Study name (or its study file)."),
+    storage: Optional[str] = typer.Option(None, help="Storage URL (default: the study's output directory)."),
+    out: Path = typer.Option(..., help="Directory for the table (CSV, LaTeX, Markdown), plots and trials CSV."),
+) -> None:
+    """The ablation table in the paper's layout, importance and slice plots, the trials CSV."""
+    study, url, info = _open_for_report(name, storage)
+    files = write_report(study, info, out)
+    typer.echo(json.dumps({"study": study.study_name, "storage": url, "files": [str(f) for f in files]}, sort_keys=True))

@@ -4,25 +4,29 @@ episodes, one claimed trial taken to its end state, and the worker loop."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import optuna
+import typer
 from optuna.trial import TrialState
 
 from fss.errors import CheckpointError, ConfigError, DataError
-from fss.evaluation import evaluate_model, validation_protocol
+from fss.evaluation import EVAL_KIND, evaluate_model, validation_protocol
 from fss.models.checkpoints import MODEL_FILE_FORMAT, load_strict, safe_torch_load
 from fss.models.registry import create_model
+from pipeline import parallel as P
 from pipeline import runs as R
 from pipeline.config import resolve_device
-from pipeline.evaluate import EVAL_KIND
+from pipeline.console import console
 from pipeline.runs import read_json, write_json
 from pipeline.sweep.queueing import (
     Heartbeat,
+    open_study,
     Say,
     claim_waiting,
     counts,
@@ -32,7 +36,8 @@ from pipeline.sweep.queueing import (
     recover_dead_trials,
     requeue_missing,
 )
-from pipeline.sweep.study import StudySpec, point_key, point_slug, resolve_trial_config, test_seed_overlap
+from pipeline.sweep.storage import default_storage, is_sqlite, normalize_storage, open_storage
+from pipeline.sweep.study import StudySpec, load_study, point_key, point_slug, resolve_trial_config, test_seed_overlap
 from pipeline.tracking import Tracker
 from pipeline.train import train_run
 from pipeline.train_data import open_split
@@ -251,3 +256,78 @@ def work(study, storage, spec: StudySpec, *, n_trials: int | None = None, grace:
         ran[execute_trial(study, storage, trial, spec, heartbeat=heartbeat, say=say, wandb=wandb)] += 1
     return ran
 
+
+# ---------------------------------------------------------------- the command `fss sweep run`
+
+
+def _summary(study, storage_url: str, ran: Mapping[str, int] | None = None) -> dict:
+    c = counts(study)
+    out: dict[str, Any] = {"study": study.study_name, "storage": storage_url, "trials": c}
+    if ran is not None:
+        out["ran_now"] = dict(ran)
+    if c["COMPLETE"]:
+        best = study.best_trial
+        out.update(best_value=best.value, best_params=best.params, best_trial=best.number)
+    return out
+
+
+def _worker_jobs(spec_path: Path, name: str, storage_url: str, workers: int, n_trials: Optional[int],
+                 grace: float, heartbeat: float, wandb: Optional[bool]) -> list[P.Job]:
+    """One single-worker `fss sweep run` on the shared storage per worker."""
+    args = ["sweep", "run", str(spec_path), "--study", name, "--storage", storage_url, "--workers", "1",
+            "--grace", str(grace), "--heartbeat", str(heartbeat)]
+    if n_trials is not None:
+        args += ["--n-trials", str(n_trials)]
+    if wandb is not None:
+        args += ["--wandb" if wandb else "--no-wandb"]
+    return [P.Job(f"worker {i + 1}", P.fss_argv(*args)) for i in range(workers)]
+
+
+def run_command(
+    study_file: Path = typer.Argument(..., help="Study file (sweeps/*.yaml)."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name (default: the file's 'study' key or stem)."),
+    storage: Optional[str] = typer.Option(None, help="sqlite:///x.db, x.log (journal file), postgresql://..., mysql://... "
+                                                      "(default: OUTPUT/study.db, or OUTPUT/journal.log with --workers > 1)."),
+    n_trials: Optional[int] = typer.Option(None, "--n-trials", help="Tuning: the total trial budget (default: the file's "
+                                                                    "n_trials). Grid: at most N trials in this run."),
+    workers: int = typer.Option(1, help="Worker processes (several need a journal file or a server): on this machine "
+                                        "(one GPU each when several are visible), or jobs with --engine submitit."),
+    engine: Optional[str] = typer.Option(None, help="With --workers > 1: local (processes on this machine) or submitit "
+                                         "(a job per worker: SLURM, resources from params 'cluster'; default: params "
+                                         "benchmark.engine, local)."),
+    grace: float = typer.Option(600.0, help="Seconds without heartbeat after which another machine's RUNNING trial is dead."),
+    heartbeat: float = typer.Option(30.0, help="Seconds between heartbeats of a running trial."),
+    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Log each trial as a W&B run grouped by "
+                                                                         "study (default: the study's tracking.wandb)."),
+    restart_on_change: bool = typer.Option(False, "--restart-on-change", help="A stored study of another study file "
+                                           "or params (dvc.yaml's persisted storage) is deleted with its trial runs "
+                                           "and started afresh instead of refused."),
+) -> None:
+    """Run (or continue) a study: every grid point once, or a sampler up to its budget."""
+    if workers < 1:
+        raise ConfigError(f"--workers {workers} must be at least 1.")
+    if n_trials is not None and n_trials < 1:
+        raise ConfigError(f"--n-trials {n_trials} must be at least 1.")
+    say = lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+    spec = load_study(study_file)
+    name = study or spec.name
+    url = normalize_storage(storage) if storage else default_storage(spec.output, workers)
+    if workers > 1 and is_sqlite(url):
+        raise ConfigError(f"--storage {url} is SQLite, which serves one worker; give a journal file (.log) or a "
+                          f"PostgreSQL/MySQL URL for --workers {workers}.")
+    store = open_storage(url, create_dirs=storage is None)
+    opened = open_study(spec, store, url, name, say=say, restart_on_change=restart_on_change)
+    if workers > 1:
+        jobs = _worker_jobs(study_file, name, url, workers, n_trials, grace, heartbeat, wandb)
+        P.run_commands(jobs, what=f"sweep {name}", device=None, threads=0, params=None, slots=str(workers),
+                       engine=engine, say=say)
+        typer.echo(json.dumps(_summary(opened, url), sort_keys=True, default=str))
+        return
+    try:
+        ran = work(opened, store, spec, n_trials=n_trials, grace=grace, heartbeat=heartbeat, say=say, wandb=wandb)
+    except TrialStopped:
+        say("interrupted: the running trial is queued again; rerun the same command to continue.")
+        raise typer.Exit(130)
+    typer.echo(json.dumps(_summary(opened, url, ran), sort_keys=True, default=str))
+    if ran["FAIL"] and not ran["COMPLETE"] and not ran["PRUNED"]:
+        raise typer.Exit(1)

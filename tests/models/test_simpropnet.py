@@ -9,7 +9,7 @@ import torch
 
 from fss.errors import ConfigError
 from fss.models import create_model
-from fss.models.methods.canet import CANET_MAP_EPS
+from fss.models.blocks import CANET_MAP_EPS
 from fss.models.methods.simpropnet import FBAFusion, fg_bg_attention, pairwise_normalise, similarity_attention
 
 from tests.models.episodes import random_episode

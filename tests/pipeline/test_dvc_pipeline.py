@@ -1,8 +1,8 @@
-"""A real `dvc repro` of the repository's dvc.yaml on a tiny grid (2 methods x 1 fold), and
+"""A real `dvc repro` of the generated dvc.yaml on a tiny grid (2 methods x 1 fold), and
 of its real-data form on a PASCAL fixture in the release formats with a ResNet-50 file.
 
-The repository's dvc.yaml and params.yaml are copied into a fresh git + DVC repository with
-the code they depend on; params.yaml is shrunk (tiny data, a few iterations).
+The repository's params.yaml, shrunk (tiny data, a few iterations), and the dvc.yaml that
+`fss graph` writes for it go into a fresh git + DVC repository with the code they depend on.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from pipeline.config import REPO_PARAMS
+from pipeline.graph import render
 
 from pipeline_helpers import DVC, FSS
 
@@ -45,14 +46,14 @@ def _run(cmd, cwd, env, timeout=600) -> subprocess.CompletedProcess:
 
 
 def _dvc_repo(work: Path, params: dict, env: dict, *, with_code: bool = True) -> Path:
-    """A fresh git + DVC repository at ``work`` with the repository's dvc.yaml, ``params`` as
-    its params.yaml and (``with_code``) a copy of the code the stages run."""
+    """A fresh git + DVC repository at ``work`` with ``params`` as its params.yaml, the dvc.yaml
+    `fss graph` writes for it and (``with_code``) a copy of the code the stages run."""
     work.mkdir(parents=True, exist_ok=True)
     if with_code:
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
         for name in ("fss", "pipeline", "sweeps"):
             shutil.copytree(REPO / name, work / name, ignore=ignore)
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    (work / "dvc.yaml").write_text(render(params))
     shutil.copy(REPO / ".gitignore", work / ".gitignore")
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], work, env)
@@ -68,8 +69,8 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
     work = _dvc_repo(tmp_path / "repo", _tiny_params(), subprocess_env)
 
     stages = _run([DVC, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
-    assert stages == ["prepare", "pretrain@small", "train@pfenet-0", "train@panet-0",
-                      "evaluate@pfenet-0", "evaluate@panet-0", "aggregate", "sweep@embedded_apanet_lambda"]
+    assert stages == ["prepare", "pretrain@small", "train-pfenet", "train-panet", "evaluate-pfenet", "evaluate-panet",
+                      "aggregate", "sweep-embedded_apanet_lambda", "sweep_report-embedded_apanet_lambda"]
 
     first = _run([DVC, "repro"], work, subprocess_env)
     for stage in stages:
@@ -92,7 +93,7 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
     sweep_table = work / "results" / "sweeps" / "embedded_apanet_lambda" / "table.md"
     assert sweep_table.is_file() and "0.5" in sweep_table.read_text()
     lock = yaml.safe_load((work / "dvc.lock").read_text())
-    assert lock["stages"]["train@panet-0"]["params"]["params.yaml"]["methods.panet"]["knobs"]["lambda_par"] == 1.0
+    assert lock["stages"]["train-panet"]["params"]["params.yaml"]["methods.panet"]["knobs"]["lambda_par"] == 1.0
 
     second = _run([DVC, "repro"], work, subprocess_env)
     assert "Running stage" not in second.stdout and "up to date" in second.stdout
@@ -103,16 +104,16 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
     params["methods"]["panet"]["knobs"]["lambda_par"] = 0.5
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = _run([DVC, "status", "--json"], work, subprocess_env).stdout
-    assert list(json.loads(status)) == ["train@panet-0"]
+    assert list(json.loads(status)) == ["train-panet"]
     dry = _run([DVC, "repro", "--dry"], work, subprocess_env).stdout
     ran = [line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")]
-    assert "train@panet-0" in ran and not any("pfenet" in s for s in ran)
+    assert "train-panet" in ran and not any("pfenet" in s for s in ran)
     _run(["git", "checkout", "params.yaml"], work, subprocess_env)
 
     # an experiment: `dvc exp show` lists mIoU for it and for the baseline commit
     exp = _run([DVC, "exp", "run", "-S", "methods.panet.knobs.lambda_par=0.5"], work, subprocess_env).stdout
     ran = [line.split("'")[1] for line in exp.splitlines() if line.startswith("Running stage")]
-    assert ran == ["train@panet-0", "evaluate@panet-0", "aggregate"], exp[-3000:]
+    assert ran == ["train-panet", "evaluate-panet", "aggregate"], exp[-3000:]
     (baseline,) = [r for r in json.loads(_run([DVC, "exp", "show", "--json"], work, subprocess_env).stdout)
                    if r["rev"] != "workspace"]
     (experiment,) = [rev for e in baseline["experiments"] for rev in e["revs"]]
@@ -166,13 +167,13 @@ def test_real_data_grid_has_no_synthetic_stages(tmp_path, subprocess_env, monkey
                           pretrain_backbones=[], sweeps={}, device="cuda")
     work = _dvc_repo(tmp_path / "repo", p, subprocess_env, with_code=False)
     stages = _run([DVC, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
-    assert stages == ["prepare", "train@apanet-0", "train@apanet-1", "evaluate@apanet-0", "evaluate@apanet-1", "aggregate"]
+    assert stages == ["prepare", "train-apanet", "evaluate-apanet", "aggregate"]
     from dvc.repo import Repo
 
     monkeypatch.chdir(work)  # DVC reads params.yaml relative to the working directory
     with Repo(str(work)) as repo:
-        (stage,) = repo.stage.collect("train@apanet-1")
-    assert "--dataset pascal --fold 1" in stage.cmd and "--backbone resnet50v2 --device cuda" in stage.cmd
+        (stage,) = repo.stage.collect("train-apanet")
+    assert "--dataset pascal --fold 0 --fold 1" in stage.cmd and "--backbone resnet50v2 --device cuda" in stage.cmd
     assert "data.root=data/pascal" in stage.cmd and "backbone_weights=pretrained/resnet50_v2.pth" in stage.cmd
     assert {str(d.def_path) for d in stage.deps} >= {"data/pascal", "pretrained"}
 
@@ -190,7 +191,7 @@ def test_base_class_backbones_per_fold_feed_the_train_stages(tmp_path, subproces
     work = _dvc_repo(tmp_path / "repo", p, subprocess_env)
     stages = _run([DVC, "stage", "list", "--name-only"], work, subprocess_env).stdout.split()
     assert stages[:3] == ["prepare", "pretrain_base@small-0", "pretrain_base@small-1"]
-    _run([DVC, "repro", "train@prototype-1"], work, subprocess_env)
+    _run([DVC, "repro", "train-prototype"], work, subprocess_env)
     about = json.loads((work / "pretrained" / "small-base-fold1.json").read_text())
     assert (about["source"], about["fold"]) == ("base_classes", 1)
     assert about["novel_classes_seen_as_background"] == [6, 7, 8, 9, 10]
@@ -245,7 +246,7 @@ def test_dvc_repro_on_prepared_pascal_with_a_released_backbone_file(tmp_path, su
     (work / "pretrained").mkdir()
     torch.save(synthetic_state_dict(listing("resnet50_v2_backbone.txt")), work / "pretrained" / "resnet50_v2.pth")
     first = _run([DVC, "repro"], work, subprocess_env)
-    for stage in ("prepare", "train@pfenet-0", "evaluate@pfenet-0", "aggregate"):
+    for stage in ("prepare", "train-pfenet", "evaluate-pfenet", "aggregate"):
         assert f"Running stage '{stage}'" in first.stdout, stage
 
     config = yaml.safe_load((work / "runs" / "pfenet" / "fold0" / "config.yaml").read_text())

@@ -1,11 +1,13 @@
 """dvc.yaml declares the code each stage runs: a stage whose code changed must rerun.
 
-Each stage's command is run in-process on tiny data while a profiler records which of the
-repository's files had a function called (module-level import code is not counted: the
-CLI imports every command's module, but only the code that runs can change a stage's
-outputs). Every such file must be covered by one of the stage's declared deps in the
-repository's dvc.yaml, a file or a folder above it, apart from the few files that cannot
-change an output (error messages, console printing, the CLI's dispatch).
+The deps are derived from the import graph (pipeline/codedeps.py, tests/pipeline/test_graph.py);
+this checks the derivation against what really runs. Each stage's command (one fold's) is run
+in-process on tiny data while a profiler records which of the repository's files had a
+function called (module-level import code is not counted: the CLI imports every command's
+module and every method registers itself, but only the code that runs can change a stage's
+outputs). Every such file must be one of the stage's deps in the repository's dvc.yaml, apart
+from the few files that cannot change an output (codedeps.NO_OUTPUT_EFFECT: error messages,
+console printing, the CLI's dispatch).
 """
 
 from __future__ import annotations
@@ -16,19 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.codedeps import NO_OUTPUT_EFFECT
 from pipeline.config import REPO_PARAMS
 
 from pipeline_helpers import run_fss, tiny_sets
 
 REPO = REPO_PARAMS.parent
-
-#: files whose code runs in every stage but cannot change what a stage writes
-NO_OUTPUT_EFFECT = {
-    "fss/errors.py",  # message classes
-    "fss/atomic.py",  # how a file is written (temp file + rename), not what
-    "pipeline/console.py",  # progress bars and printing
-    "pipeline/cli.py",  # dispatch to the command
-}
 
 
 def _stage_deps(name: str) -> list[str]:
@@ -98,13 +93,13 @@ def test_train_stage_declares_the_code_it_runs(method, synthetic_root, tmp_path,
         sets = [s for s in sets if not s.startswith("knobs.reduce_dim")]
     args = ["train", "--method", method, "--dataset", "synthetic", "--fold", "0", "--iterations", "2",
             "--device", "cpu", "--out", str(tmp_path / "run")] + [a for s in sets for a in ("--set", s)]
-    _assert_declared("train", [args], capsys, seen={"pipeline/train.py", "fss/data/access.py"})
+    _assert_declared(f"train-{method}", [args], capsys, seen={"pipeline/train.py", "fss/data/access.py"})
 
 
 def test_evaluate_stage_declares_the_code_it_runs(tiny_run, tmp_path, capsys):
     args = ["evaluate", "--run", str(tiny_run), "--shot", "1", "--shot", "2", "--protocol", "pfenet",
             "--device", "cpu", "--episodes", "4", "--out", str(tmp_path / "ev-{shot}shot.json")]
-    _assert_declared("evaluate", [args], capsys, seen={"pipeline/figures.py", "fss/metrics.py"})
+    _assert_declared("evaluate-pfenet", [args], capsys, seen={"pipeline/figures.py", "fss/metrics.py"})
 
 
 def test_pretrain_stage_declares_the_code_it_runs(tmp_path, capsys):
@@ -161,5 +156,8 @@ def test_sweep_stage_declares_the_code_it_runs(synthetic_root, tmp_path, capsys)
         "backbone": "small", "set": sets, "params": {"knobs.lam": {"values": [0.0]}},
         "output": str(tmp_path / "out" / "{study}"),
     }, sort_keys=False))
-    _assert_declared("sweep", [["sweep", "run", str(study)], ["sweep", "report", str(study), "--out", str(tmp_path / "report")]],
-                     capsys, seen={"pipeline/sweep/run.py", "pipeline/train.py", "pipeline/sweep/report.py"})
+    _assert_declared("sweep-embedded_apanet_lambda", [["sweep", "run", str(study)]], capsys,
+                     seen={"pipeline/sweep/run.py", "pipeline/train.py"})
+    _assert_declared("sweep_report-embedded_apanet_lambda",
+                     [["sweep", "report", str(study), "--out", str(tmp_path / "report")]], capsys,
+                     seen={"pipeline/sweep/report.py"})

@@ -147,7 +147,7 @@ def test_offline_train_evaluate_and_aggregate_write_wandb_runs(synthetic_root, t
 def test_wandb_flag_of_every_tracking_command_turns_tracking_on(monkeypatch, tmp_path, capsys):
     """--wandb is --set tracking.wandb=true for train, and turns tracking on for evaluate's
     runs, aggregate's tables and a sweep's trials (the commands stop right after parsing)."""
-    import pipeline.sweep.cli as sweep_cli
+    import pipeline.sweep.run as sweep_run
     import pipeline.tracking as tracking
     import pipeline.train as train
 
@@ -174,9 +174,9 @@ def test_wandb_flag_of_every_tracking_command_turns_tracking_on(monkeypatch, tmp
     code, _, err = run_fss(["aggregate", "--runs", tmp_path, "--out", tmp_path, "--wandb"], capsys)
     assert code == 0 and seen.pop("aggregate") is True, err
 
-    monkeypatch.setattr(sweep_cli, "work", lambda *a, **kw: seen.update(sweep=kw["wandb"]) or Counter())
-    monkeypatch.setattr(sweep_cli, "open_study", lambda *a, **kw: None)
-    monkeypatch.setattr(sweep_cli, "_summary", lambda *a, **kw: {})
+    monkeypatch.setattr(sweep_run, "work", lambda *a, **kw: seen.update(sweep=kw["wandb"]) or Counter())
+    monkeypatch.setattr(sweep_run, "open_study", lambda *a, **kw: None)
+    monkeypatch.setattr(sweep_run, "_summary", lambda *a, **kw: {})
     study = Path(__file__).resolve().parents[2] / "sweeps" / "embedded_apanet_lambda.yaml"
     code, _, err = run_fss(["sweep", "run", study, "--storage", tmp_path / "s.db", "--wandb"], capsys)
     assert code == 0 and seen.pop("sweep") is True, err

@@ -190,7 +190,7 @@ def test_two_workers_on_one_journal_run_every_point_once(tmp_path, sweep_data, s
     run_dirs = [t.user_attrs["fss_run_dir"] for t in study.trials]
     assert len(set(run_dirs)) == 4 and len(list((tmp_path / "out" / "two").glob("trial-*"))) == 4
     assert len({t.user_attrs["fss_pid"] for t in study.trials}) >= 1
-    assert "worker 2/2 started" in done.stderr
+    assert "worker 2: started" in done.stderr and "[worker 2] " in done.stderr
 
 
 def test_trial_command_runs_one_point_from_wandb_args(tmp_path, sweep_data, capsys):

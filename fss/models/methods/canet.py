@@ -37,11 +37,9 @@ from torch import nn
 from fss.errors import ConfigError
 from fss.models.backbones import build_backbone
 from fss.models.base import FSSModel, ModelOutput
-from fss.models.blocks import ASPPHead, masked_average_pool
+from fss.models.blocks import CANET_MAP_EPS, ASPPHead, masked_average_pool
 from fss.models.registry import Knob, register_method
 
-#: MAP eps of the CANet reference (``area = ... + 0.0005``), at feature resolution.
-CANET_MAP_EPS = 5e-4
 IGNORE_INDEX = 255
 
 CANET_BACKBONES = ("resnet50", "resnet101", "resnet50v2", "resnet101v2", "small")

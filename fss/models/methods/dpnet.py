@@ -80,8 +80,7 @@ from fss.errors import ConfigError
 from fss.models.backbones import build_backbone
 from fss.models.backbones.resnet import Bottleneck
 from fss.models.base import FSSModel, ModelOutput
-from fss.models.blocks import ASPPHead, cross_entropy_ignore, masked_average_pool, resize_bilinear
-from fss.models.methods.canet import CANET_MAP_EPS
+from fss.models.blocks import CANET_MAP_EPS, ASPPHead, cross_entropy_ignore, masked_average_pool, resize_bilinear
 from fss.models.registry import Knob, register_method
 
 IGNORE_INDEX = 255

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fss.models.base import ModelOutput
-from fss.models.blocks import ASPPHead, masked_average_pool
-from fss.models.methods.canet import CANET_BACKBONES, CANET_KNOBS, CANET_MAP_EPS, IGNORE_INDEX, CANet, _resize, _split_episode
+from fss.models.blocks import CANET_MAP_EPS, ASPPHead, masked_average_pool
+from fss.models.methods.canet import CANET_BACKBONES, CANET_KNOBS, IGNORE_INDEX, CANet, _resize, _split_episode
 from fss.models.registry import Knob, register_method
 
 SIMPROPNET_KNOBS = {

@@ -1,0 +1,248 @@
+"""Run one `fss` command per fold (or per sweep worker) at once: on this machine's device slots,
+or as cluster jobs through submitit.
+
+**Local** (``engine: local``): a pool of child processes, one per slot, like ``xargs -P``. A
+slot is a GPU (``CUDA_VISIBLE_DEVICES`` set to its index) or, on the CPU, a share of the cores
+(``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to cores / slots, which torch's default thread count
+follows; a config's ``train.num_threads`` still wins). ``slots: auto`` is the number of visible
+GPUs, or on the CPU the usable cores over the threads each command asks for, never more than the
+commands. Each child is the single-fold command, with its own run folder, resume and log lines
+prefixed ``[fold k]``; its arithmetic does not depend on the slot, so the weights equal a serial
+run's (tested). When one child fails the others run to their end; the command then fails with
+one line naming the failed folds. SIGINT/SIGTERM are passed to every child, which checkpoints
+and stops; a SIGKILL of this process reaches the children as SIGTERM (``PR_SET_PDEATHSIG``), so
+they checkpoint too, and nothing is left running.
+
+**Cluster** (``engine: submitit``): each command is a submitit job (``AutoExecutor``: SLURM where
+``sbatch`` exists, else submitit's local executor), with the resources of params ``cluster``.
+This process waits for the jobs and cancels them when it is interrupted. We schedule nothing
+ourselves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import submitit
+import torch
+
+from fss.errors import ConfigError, FSSError
+from pipeline.config import load_params
+from pipeline.config_params import CLUSTER_DEFAULTS, resolve_params_section
+
+Say = Callable[[str], None]
+ENGINES = ("local", "submitit")
+#: a child's `fss` prefixes every line it prints with this variable's value (pipeline.cli)
+LOG_PREFIX_ENV = "FSS_LOG_PREFIX"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One single-fold (or single-worker) command and the name its messages carry."""
+
+    name: str
+    argv: list[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def fss_argv(*args: str) -> list[str]:
+    """The `fss` command line run by this interpreter (also where `fss` is not on PATH)."""
+    return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may hand out: CUDA_VISIBLE_DEVICES's entries, or every CUDA device."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def uses_gpu(device: str | None) -> bool:
+    if device == "cuda":
+        return True
+    return device in (None, "auto") and bool(visible_gpus())
+
+
+def parse_slots(value: str | int) -> int | None:
+    """``auto`` -> None; a positive integer -> itself."""
+    if str(value).strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--slots {value!r} must be auto or a positive integer.")
+    return n
+
+
+def slot_envs(slots: str | int, jobs: int, device: str | None, threads_per_job: int = 0) -> list[dict[str, str]]:
+    """The environment of each slot: a GPU each on CUDA, a share of the cores on the CPU.
+
+    ``threads_per_job`` is the torch threads a command pins (``train.num_threads``; 0: torch's
+    default, which then follows the slot's share)."""
+    asked = parse_slots(slots)
+    if uses_gpu(device):
+        gpus = visible_gpus() or ["0"]
+        n = min(jobs, asked or len(gpus))
+        return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(n)]
+    cores = usable_cores()
+    n = max(1, min(jobs, asked or cores // max(1, threads_per_job)))
+    share = str(threads_per_job or max(1, cores // n))
+    return [{"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share, "CUDA_VISIBLE_DEVICES": ""} for _ in range(n)]
+
+
+def run_commands(jobs: Sequence[Job], *, what: str, device: str | None, threads: int, params: Path | None,
+                 slots: str | None, engine: str | None, say: Say) -> None:
+    """Run ``jobs`` (the single-fold commands of ``what``) at once. ``slots``/``engine`` None: params
+    ``benchmark.slots`` (auto) and ``benchmark.engine`` (local); cluster resources: params ``cluster``.
+    Read here, not from the stage's command line, so that changing them reruns no DVC stage."""
+    values, _ = load_params(params)
+    bench = values.get("benchmark") or {}
+    slots = str(bench.get("slots", "auto")) if slots is None else slots
+    engine = str(bench.get("engine", "local")) if engine is None else engine
+    envs = slot_envs(slots, len(jobs), device, threads)
+    say(f"{what}: {len(jobs)} commands, " + (f"{len(envs)} at once on this machine" if engine == "local"
+                                             else f"one {engine} job each"))
+    run_jobs(jobs, engine=engine, slots=envs, say=say, cluster=resolve_params_section(values, "cluster", CLUSTER_DEFAULTS))
+
+
+def run_jobs(jobs: Sequence[Job], *, engine: str, slots: Sequence[Mapping[str, str]], say: Say,
+             cluster: Mapping[str, Any] | None = None) -> None:
+    """Run ``jobs`` with ``engine``; raises one :class:`FSSError` line naming any that failed."""
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r} is not known; choose one of: {', '.join(ENGINES)}.")
+    if engine == "local":
+        failed, interrupted = run_local(jobs, slots, say)
+    else:
+        failed, interrupted = run_submitit(jobs, {**CLUSTER_DEFAULTS, **(cluster or {})}, say)
+    if interrupted:
+        raise KeyboardInterrupt
+    if failed:
+        names = ", ".join(f"{j.name} (exit code {code})" for j, code in failed)
+        raise FSSError(f"{names} failed (output above); the others ran to their end: rerun the same command to "
+                       f"resume the failed ones.")
+
+
+# ---------------------------------------------------------------- local: a process per slot
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (SIGKILL included), so the
+    child checkpoints and stops instead of running on unattended."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM while children run: remember it and pass SIGTERM on to each child."""
+
+    def __init__(self, running: dict):
+        self.running, self.signal, self._old = running, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+        for proc in self.running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def run_local(jobs: Sequence[Job], slots: Sequence[Mapping[str, str]], say: Say) -> tuple[list, bool]:
+    """Run ``jobs`` on ``slots`` (at most one each at a time); returns (failed (job, code), interrupted)."""
+    pending, free = list(jobs), list(range(len(slots)))
+    running: dict[subprocess.Popen, tuple[Job, int]] = {}
+    failed: list[tuple[Job, int]] = []
+    with _Interrupt(running) as stop:
+        while pending or running:
+            while pending and free and stop.signal is None:
+                job, slot = pending.pop(0), free.pop(0)
+                running[_start(job, slots[slot], say)] = (job, slot)
+            for proc in [p for p in running if p.poll() is not None]:
+                job, slot = running.pop(proc)
+                free.append(slot)
+                if proc.returncode != 0 and stop.signal is None:
+                    failed.append((job, proc.returncode))
+            if stop.signal is not None and not running:
+                break
+            time.sleep(0.05)
+    return failed, stop.signal is not None
+
+
+def _start(job: Job, slot_env: Mapping[str, str], say: Say) -> subprocess.Popen:
+    """The job's process, writing to this one's stdout/stderr (no pipe that would break if this
+    process died) with each line prefixed ``[job]`` by `fss` itself (FSS_LOG_PREFIX)."""
+    env = {**os.environ, **slot_env, **job.env, "PYTHONUNBUFFERED": "1", LOG_PREFIX_ENV: f"[{job.name}] "}
+    proc = subprocess.Popen(job.argv, env=env, preexec_fn=_die_with_parent)
+    where = f"GPU {slot_env['CUDA_VISIBLE_DEVICES']}" if slot_env.get("CUDA_VISIBLE_DEVICES") else \
+        f"{slot_env.get('OMP_NUM_THREADS', '?')} CPU threads"
+    say(f"{job.name}: started (pid {proc.pid}, {where})")
+    return proc
+
+
+# ---------------------------------------------------------------- cluster: submitit jobs
+
+
+def make_executor(cluster: Mapping[str, Any]) -> submitit.AutoExecutor:
+    backend = str(cluster["backend"])
+    if backend not in ("auto", "slurm", "local"):
+        raise ConfigError(f"params cluster.backend {backend!r} is not known; choose auto, slurm or local.")
+    executor = submitit.AutoExecutor(folder=Path(cluster["folder"]), cluster=None if backend == "auto" else backend)
+    resources: dict[str, Any] = {"timeout_min": int(cluster["time_minutes"]), "gpus_per_node": int(cluster["gpus_per_job"]),
+                                 "cpus_per_task": int(cluster["cpus_per_job"]), "mem_gb": int(cluster["mem_gb"]),
+                                 "tasks_per_node": 1, "nodes": 1}
+    if cluster["partition"]:
+        resources["slurm_partition"] = str(cluster["partition"])
+    if cluster["account"]:
+        resources["slurm_account"] = str(cluster["account"])
+    executor.update_parameters(**resources)
+    return executor
+
+
+def run_submitit(jobs: Sequence[Job], cluster: Mapping[str, Any], say: Say) -> tuple[list, bool]:
+    """Submit each job, wait for all; returns (failed (job, code), interrupted)."""
+    executor = make_executor(cluster)
+    cwd = os.getcwd()
+    with executor.batch():
+        futures = [executor.submit(submitit.helpers.CommandFunction(
+            job.argv, cwd=cwd, env={**os.environ, **job.env} if job.env else None)) for job in jobs]
+    for job, future in zip(jobs, futures):
+        say(f"{job.name}: submitted as {executor.cluster} job {future.job_id} (logs {future.paths.stdout.parent})")
+    failed = []
+    try:
+        for job, future in zip(jobs, futures):
+            try:
+                future.result()
+            except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
+                say(f"{job.name}: job {future.job_id} failed; its log: {future.paths.stderr}")
+                failed.append((job, getattr(exc, "returncode", 1) or 1))
+    except KeyboardInterrupt:
+        for future in futures:
+            future.cancel(check=False)
+        return failed, True
+    return failed, False
