@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import os
 import sys
 
 import typer
 
 from pipeline import aggregate, bench, data_cmd, evaluate, graph, models_cmd, prepare, pretrain, train
-from pipeline.parallel import LOG_PREFIX_ENV
 
 app = typer.Typer(
     help="Few-shot segmentation pipeline: prepare data, train, evaluate, aggregate, sweep, bench.",
@@ -30,43 +27,14 @@ app.command("graph")(graph.graph_command)
 from pipeline.sweep import cli as sweep_cli; app.add_typer(sweep_cli.app, name="sweep")  # noqa: E402,E702
 
 
-class _PrefixLines(io.TextIOBase):
-    """A text stream that writes ``prefix`` before every line (a fold's output in a parallel stage)."""
-
-    def __init__(self, stream, prefix: str):
-        self.stream, self.prefix, self.at_line_start = stream, prefix, True
-
-    @property
-    def encoding(self) -> str:
-        return getattr(self.stream, "encoding", None) or "utf-8"
-
-    def write(self, text) -> int:
-        if isinstance(text, (bytes, bytearray)):  # click.echo may hand over encoded text
-            text = bytes(text).decode(self.encoding, errors="replace")
-        out = []
-        for piece in text.splitlines(keepends=True):
-            out.append((self.prefix if self.at_line_start else "") + piece)
-            self.at_line_start = piece.endswith("\n")
-        self.stream.write("".join(out))
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-
 def main() -> None:
     """Console-script entry: user errors become one red line and exit code 2."""
     from rich.markup import escape
 
     from fss.errors import FSSError
-    from pipeline.console import console
+    from pipeline.console import console, prefix_output_lines
 
-    prefix = os.environ.get(LOG_PREFIX_ENV)
-    if prefix:  # started by pipeline.parallel: one of several folds writing to the same terminal
-        sys.stdout, sys.stderr = _PrefixLines(sys.stdout, prefix), _PrefixLines(sys.stderr, prefix)
+    prefix_output_lines()  # started by pipeline.parallel: one of several folds writing to one terminal
     try:
         app()
     except FSSError as exc:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import os
+import sys
 from typing import Iterable, Iterator, TypeVar
 
 from rich.console import Console
@@ -17,6 +20,50 @@ from rich.progress import (
 T = TypeVar("T")
 
 console = Console(stderr=True)
+#: a child of pipeline.parallel gets this variable: every line it prints starts with its value
+LOG_PREFIX_ENV = "FSS_LOG_PREFIX"
+
+
+class PrefixLines(io.TextIOBase):
+    """A text stream that writes ``prefix`` before every line (a fold's output in a parallel stage)."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.at_line_start = stream, prefix, True
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+    def write(self, text) -> int:
+        if isinstance(text, (bytes, bytearray)):  # click.echo may hand over encoded text
+            text = bytes(text).decode(self.encoding, errors="replace")
+        out = []
+        for piece in text.splitlines(keepends=True):
+            out.append((self.prefix if self.at_line_start else "") + piece)
+            self.at_line_start = piece.endswith("\n")
+        self.stream.write("".join(out))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def prefix_output_lines() -> None:
+    """Started by pipeline.parallel (LOG_PREFIX_ENV set): prefix stdout's and stderr's lines."""
+    prefix = os.environ.get(LOG_PREFIX_ENV)
+    if prefix and not isinstance(sys.stderr, PrefixLines):
+        sys.stdout, sys.stderr = PrefixLines(sys.stdout, prefix), PrefixLines(sys.stderr, prefix)
+
+
+def set_line_prefix(prefix: str | None) -> None:
+    """The prefix of the lines from now on (one fold after another in one process), where lines
+    are prefixed; None: back to the process's own (LOG_PREFIX_ENV)."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, PrefixLines):
+            stream.prefix = prefix or os.environ.get(LOG_PREFIX_ENV, "")
 
 
 def track(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:

@@ -350,9 +350,9 @@ FOLD_OPTIONS = {"shot": "--shot", "protocol": "--protocol", "episodes": "--episo
                 "feature_cache_mb": "--feature-cache-mb", "wandb": "--wandb", "feature_cache": "--feature-cache"}
 
 
-def fold_evaluate_args(run: Path, fold: int, options: dict) -> list[str]:
-    """The one-run `fss evaluate` arguments of ``run`` (``{fold}`` of --out/--figure filled with ``fold``)."""
-    args = ["evaluate", "--run", str(run)]
+def fold_evaluate_args(runs: list[Path], options: dict) -> list[str]:
+    """The `fss evaluate` arguments that evaluate ``runs`` one after another in one process (--slots 1)."""
+    args = ["evaluate", *(a for r in runs for a in ("--run", str(r))), "--slots", "1", "--engine", "local"]
     for name, flag in FOLD_OPTIONS.items():
         value = options[name]
         if value is None:
@@ -362,19 +362,28 @@ def fold_evaluate_args(run: Path, fold: int, options: dict) -> list[str]:
         elif isinstance(value, list):
             args += [a for v in value for a in (flag, str(v))]
         else:
-            args += [flag, str(value).replace("{fold}", str(fold))]
+            args += [flag, str(value)]
     return args
 
 
 def evaluate_folds(runs: list[Path], options: dict, *, slots: str | None, engine: str | None,
                    say: Callable[[str], None]) -> None:
-    """Evaluate ``runs`` at once, each in its own process or job (pipeline.parallel)."""
+    """Evaluate ``runs``: at once on this machine's slots, as submitit jobs, or one after another (pipeline.parallel)."""
     if options["out"] is not None and "{fold}" not in str(options["out"]) or len(set(runs)) < len(runs):
         raise ConfigError("several --run need distinct run directories and {fold} in --out, e.g. --out evals/M/fold{fold}-{shot}shot.json.")
-    configs = [RunDir(r).load_config() for r in runs]
-    jobs = [P.Job(f"fold {c.fold}", P.fss_argv(*fold_evaluate_args(r, c.fold, options))) for r, c in zip(runs, configs)]
-    P.run_commands(jobs, what=f"evaluate {configs[0].method}", device=options["device"] or configs[0].train.device,
-                   threads=0, params=options["params"], slots=slots, engine=engine, say=say)
+    folds = {r: RunDir(r).load_config().fold for r in runs}
+
+    def one(run: Path) -> None:
+        filled = {k: (str(v).replace("{fold}", str(folds[run])) if k in ("out", "figure") and v is not None else v)
+                  for k, v in options.items()}
+        evaluate_command(run=[run], model=None, dataset=None, root=None, fold=None, convention=None,
+                         allow_dataset_mismatch=False, slots="1", engine="local",
+                         **{k: (Path(v) if k in ("out", "figure") and v is not None else v) for k, v in filled.items()})
+
+    device = options["device"] or RunDir(runs[0]).load_config().train.device
+    P.run_folds(runs, name=lambda r: f"fold {folds[r]}", command=lambda share: fold_evaluate_args(share, options),
+                run_one=one, what="evaluate", device=device, threads=0, params=options["params"], slots=slots,
+                engine=engine, say=say)
 
 
 def evaluate_command(

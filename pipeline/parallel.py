@@ -27,21 +27,23 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import submitit
 import torch
+import typer
 
 from fss.errors import ConfigError, FSSError
 from pipeline.config import load_params
 from pipeline.config_params import CLUSTER_DEFAULTS, resolve_params_section
+from pipeline.console import LOG_PREFIX_ENV, set_line_prefix
 
 Say = Callable[[str], None]
+T = TypeVar("T")
 ENGINES = ("local", "submitit")
-#: a child's `fss` prefixes every line it prints with this variable's value (pipeline.cli)
-LOG_PREFIX_ENV = "FSS_LOG_PREFIX"
 
 
 @dataclass(frozen=True)
@@ -108,36 +110,80 @@ def slot_envs(slots: str | int, jobs: int, device: str | None, threads_per_job: 
     return [{"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share, "CUDA_VISIBLE_DEVICES": ""} for _ in range(n)]
 
 
-def run_commands(jobs: Sequence[Job], *, what: str, device: str | None, threads: int, params: Path | None,
-                 slots: str | None, engine: str | None, say: Say) -> None:
-    """Run ``jobs`` (the single-fold commands of ``what``) at once. ``slots``/``engine`` None: params
-    ``benchmark.slots`` (auto) and ``benchmark.engine`` (local); cluster resources: params ``cluster``.
-    Read here, not from the stage's command line, so that changing them reruns no DVC stage."""
+def runner_settings(params: Path | None, slots: str | None, engine: str | None) -> tuple[str, str, dict]:
+    """(slots, engine, cluster resources): the given values, else params ``benchmark.slots`` (auto),
+    ``benchmark.engine`` (local) and section ``cluster``. Read by the commands, not written into
+    the graph's stage commands, so changing them reruns no DVC stage."""
     values, _ = load_params(params)
     bench = values.get("benchmark") or {}
-    slots = str(bench.get("slots", "auto")) if slots is None else slots
+    slots = str(bench.get("slots", "auto")) if slots is None else str(slots)
     engine = str(bench.get("engine", "local")) if engine is None else engine
-    envs = slot_envs(slots, len(jobs), device, threads)
-    say(f"{what}: {len(jobs)} commands, " + (f"{len(envs)} at once on this machine" if engine == "local"
-                                             else f"one {engine} job each"))
-    run_jobs(jobs, engine=engine, slots=envs, say=say, cluster=resolve_params_section(values, "cluster", CLUSTER_DEFAULTS))
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r} is not known; choose one of: {', '.join(ENGINES)}.")
+    return slots, engine, resolve_params_section(values, "cluster", CLUSTER_DEFAULTS)
+
+
+def run_folds(items: Sequence[T], *, name: Callable[[T], str], command: Callable[[list[T]], list[str]],
+              run_one: Callable[[T], None], what: str, device: str | None, threads: int, params: Path | None,
+              slots: str | None, engine: str | None, say: Say) -> None:
+    """Run ``items`` (folds, or the runs of folds): with one slot one after another in this process
+    (``run_one``); with several, one `fss` child per slot taking its share (``command(share)``, a
+    command that runs them one after another, ``--slots 1``); with submitit one job per item."""
+    slots, engine, cluster = runner_settings(params, slots, engine)
+    if engine == "submitit":
+        jobs = [Job(name(item), fss_argv(*command([item]))) for item in items]
+        say(f"{what}: one submitit job each for {len(jobs)} folds")
+        return run_jobs(jobs, engine=engine, slots=[], say=say, cluster=cluster)
+    envs = slot_envs(slots, len(items), device, threads)
+    if len(envs) == 1:
+        return run_here(items, name=name, run_one=run_one, say=say)
+    shares = [list(items[i::len(envs)]) for i in range(len(envs))]
+    jobs = [Job(", ".join(name(item) for item in share), fss_argv(*command(share))) for share in shares]
+    say(f"{what}: {len(items)} folds on {len(envs)} slots of this machine")
+    run_jobs(jobs, engine="local", slots=envs, say=say)
+
+
+def run_here(items: Sequence[T], *, name: Callable[[T], str], run_one: Callable[[T], None], say: Say) -> None:
+    """``run_one`` for each item in turn; a failed one lets the others run, then one line names it."""
+    failed: list[tuple[Job, int]] = []
+    for item in items:
+        set_line_prefix(f"[{name(item)}] ")
+        try:
+            run_one(item)
+        except typer.Exit as exc:
+            if exc.exit_code == 130:  # interrupted: checkpointed, the rest is left for the rerun
+                raise KeyboardInterrupt from None
+            if exc.exit_code:
+                failed.append((Job(name(item), []), exc.exit_code))
+        except FSSError as exc:
+            say(f"error: {exc}")
+            failed.append((Job(name(item), []), 2))
+        except Exception:  # noqa: BLE001  (the other folds still run; the traceback is printed)
+            traceback.print_exc()
+            failed.append((Job(name(item), []), 1))
+    set_line_prefix(None)
+    _raise_failed(failed, len(items))
 
 
 def run_jobs(jobs: Sequence[Job], *, engine: str, slots: Sequence[Mapping[str, str]], say: Say,
              cluster: Mapping[str, Any] | None = None) -> None:
     """Run ``jobs`` with ``engine``; raises one :class:`FSSError` line naming any that failed."""
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine {engine!r} is not known; choose one of: {', '.join(ENGINES)}.")
     if engine == "local":
         failed, interrupted = run_local(jobs, slots, say)
     else:
         failed, interrupted = run_submitit(jobs, {**CLUSTER_DEFAULTS, **(cluster or {})}, say)
     if interrupted:
         raise KeyboardInterrupt
+    order = {id(j): i for i, j in enumerate(jobs)}
+    _raise_failed(sorted(failed, key=lambda f: order[id(f[0])]), len(jobs))
+
+
+def _raise_failed(failed: Sequence[tuple[Job, int]], total: int) -> None:
     if failed:
         names = ", ".join(f"{j.name} (exit code {code})" for j, code in failed)
-        raise FSSError(f"{names} failed (output above); the others ran to their end: rerun the same command to "
-                       f"resume the failed ones.")
+        others = "the others ran to their end; " if len(failed) < total else ""
+        raise FSSError(f"{names} failed (output above); {others}rerun the same command to resume "
+                       f"{'it' if len(failed) == 1 else 'them'}.")
 
 
 # ---------------------------------------------------------------- local: a process per slot

@@ -24,6 +24,7 @@ Learning rate per iteration ``it`` (0-based) of ``total`` (protocol section 6):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -36,14 +37,15 @@ from typing import Any, Callable, Optional
 import torch
 import typer
 
-from fss.errors import ConfigError
+from fss.errors import ConfigError, FSSError
 from fss.evaluation import evaluate_model, validation_protocol
 from fss.layout import channels_last_batch
 from fss.schedule import poly_lr
 
+from pipeline import distributed as D
 from pipeline import parallel as P
 from pipeline.config import RunConfig, bf16_cpu_warning, resolve_run_config
-from pipeline.console import console
+from pipeline.console import console, track
 from pipeline.train_data import EpochBatches, build_training_episodes, open_split
 
 TrackFn = Callable[..., Any]
@@ -570,27 +572,26 @@ def train_command(
                                          "params benchmark.engine, local)."),
 ) -> None:
     """Train METHOD on one fold (or several at once); the resolved config is saved in OUT and printed."""
-    import json
-
-    from fss.errors import FSSError
-    from pipeline import distributed as D
-    from pipeline.console import console, track
-
+    options = dict(method=method, dataset=dataset, shot=shot, backbone=backbone, iterations=iterations, epochs=epochs,
+                   device=device, set_=set_ or [], params=params, stop_after=stop_after, wandb=wandb,
+                   restart_on_change=restart_on_change)
     if len(fold) > 1 or "{fold}" in str(out):
-        options = dict(method=method, dataset=dataset, shot=shot, backbone=backbone, iterations=iterations, epochs=epochs,
-                       device=device, set_=set_ or [], params=params, stop_after=stop_after, wandb=wandb,
-                       restart_on_change=restart_on_change)
         return train_folds(fold, out, plots_dir, options, slots=slots, engine=engine)
-    fold = fold[0]
+    train_one(fold[0], out, plots_dir, options)
+
+
+def train_one(fold: int, out: Path, plots_dir: Path | None, o: dict) -> None:
+    """One fold's `fss train`: resolve, train or resume, print the summary (options ``o`` as train_command got them)."""
     follower = D.launched_rank() > 0  # torchrun rank > 0: silent (rank 0 prints, logs and errors)
+    wandb = o["wandb"]
     try:
         config = resolve_run_config(
-            method=method, dataset=dataset, fold=fold, shot=shot, backbone=backbone, iterations=iterations,
-            epochs=epochs, device=device, params_path=params,
-            set_values=[*(set_ or []), *([f"tracking.wandb={str(wandb).lower()}"] if wandb is not None else [])],
+            method=o["method"], dataset=o["dataset"], fold=fold, shot=o["shot"], backbone=o["backbone"],
+            iterations=o["iterations"], epochs=o["epochs"], device=o["device"], params_path=o["params"],
+            set_values=[*o["set_"], *([f"tracking.wandb={str(wandb).lower()}"] if wandb is not None else [])],
         )
-        summary = train_run(config, out, stop_after=stop_after, track=None if follower else track, plots_dir=plots_dir,
-                            restart_on_change=restart_on_change,
+        summary = train_run(config, out, stop_after=o["stop_after"], track=None if follower else track,
+                            plots_dir=plots_dir, restart_on_change=o["restart_on_change"],
                             say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
     except FSSError:
         if follower:
@@ -607,10 +608,11 @@ def train_command(
 # ---------------------------------------------------------------- several folds at once
 
 
-def fold_train_args(fold: int, out: str, plots_dir: str | None, o: dict) -> list[str]:
-    """The single-fold `fss train` arguments of ``fold`` (options ``o`` as train_command got them)."""
-    args = ["train", "--method", o["method"], "--dataset", o["dataset"], "--fold", str(fold), "--shot", str(o["shot"]),
-            "--out", out.format(fold=fold)]
+def fold_train_args(folds: list[int], out: str, plots_dir: str | None, o: dict) -> list[str]:
+    """The `fss train` arguments that train ``folds`` one after another in one process (--slots 1;
+    options ``o`` as train_command got them, ``{fold}`` left in --out and --plots-dir)."""
+    args = ["train", "--method", o["method"], "--dataset", o["dataset"], *(a for k in folds for a in ("--fold", str(k))),
+            "--shot", str(o["shot"]), "--out", out, "--slots", "1", "--engine", "local"]
     for flag, key in (("--backbone", "backbone"), ("--iterations", "iterations"), ("--epochs", "epochs"),
                       ("--device", "device"), ("--params", "params"), ("--stop-after", "stop_after")):
         if o[key] is not None:
@@ -618,7 +620,7 @@ def fold_train_args(fold: int, out: str, plots_dir: str | None, o: dict) -> list
     for value in o["set_"]:
         args += ["--set", value]
     if plots_dir is not None:
-        args += ["--plots-dir", plots_dir.format(fold=fold)]
+        args += ["--plots-dir", plots_dir]
     if o["wandb"] is not None:
         args.append("--wandb" if o["wandb"] else "--no-wandb")
     if o["restart_on_change"]:
@@ -628,14 +630,15 @@ def fold_train_args(fold: int, out: str, plots_dir: str | None, o: dict) -> list
 
 def train_folds(folds: list[int], out: Path, plots_dir: Path | None, o: dict, *, slots: str | None,
                 engine: str | None) -> None:
-    """Train ``folds`` at once, each in its own process or job (pipeline.parallel)."""
+    """Train ``folds``: at once on this machine's slots, as submitit jobs, or one after another (pipeline.parallel)."""
     if len(set(folds)) != len(folds) or "{fold}" not in str(out) or (plots_dir is not None and "{fold}" not in str(plots_dir)):
         raise ConfigError("several --fold need distinct folds and {fold} in --out (and in --plots-dir), e.g. --out runs/M/fold{fold}.")
     config = resolve_run_config(method=o["method"], dataset=o["dataset"], fold=folds[0], shot=o["shot"],
                                 backbone=o["backbone"], iterations=o["iterations"], epochs=o["epochs"],
                                 device=o["device"], params_path=o["params"], set_values=o["set_"])
-    jobs = [P.Job(f"fold {k}", P.fss_argv(*fold_train_args(k, str(out), None if plots_dir is None else str(plots_dir), o)))
-            for k in folds]
-    P.run_commands(jobs, what=f"train {o['method']} folds {', '.join(map(str, folds))}", device=config.train.device,
-                   threads=config.train.num_threads, params=o["params"], slots=slots, engine=engine,
-                   say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
+    plots = None if plots_dir is None else str(plots_dir)
+    P.run_folds(
+        folds, name=lambda k: f"fold {k}", command=lambda share: fold_train_args(share, str(out), plots, o),
+        run_one=lambda k: train_one(k, Path(str(out).format(fold=k)), None if plots is None else Path(plots.format(fold=k)), o),
+        what=f"train {o['method']}", device=config.train.device, threads=config.train.num_threads, params=o["params"],
+        slots=slots, engine=engine, say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))

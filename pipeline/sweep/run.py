@@ -319,8 +319,8 @@ def run_command(
     opened = open_study(spec, store, url, name, say=say, restart_on_change=restart_on_change)
     if workers > 1:
         jobs = _worker_jobs(study_file, name, url, workers, n_trials, grace, heartbeat, wandb)
-        P.run_commands(jobs, what=f"sweep {name}", device=None, threads=0, params=None, slots=str(workers),
-                       engine=engine, say=say)
+        _, engine, cluster = P.runner_settings(None, None, engine)
+        P.run_jobs(jobs, engine=engine, slots=P.slot_envs(workers, workers, None), say=say, cluster=cluster)
         typer.echo(json.dumps(_summary(opened, url), sort_keys=True, default=str))
         return
     try:

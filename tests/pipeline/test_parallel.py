@@ -53,7 +53,9 @@ def test_four_folds_on_two_slots_give_the_weights_of_four_serial_runs(synthetic_
                           env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=300)
     err = done.stderr
     assert done.returncode == 0, err[-3000:]
-    assert err.count("started (pid") == 4 and "4 commands, 2 at once on this machine" in err, err[-3000:]
+    # one process per slot, each training its share of the folds one after another
+    assert "4 folds on 2 slots of this machine" in err and err.count("started (pid") == 2, err[-3000:]
+    assert "fold 0, fold 2: started" in err and "fold 1, fold 3: started" in err, err[-3000:]
     assert "[fold 3] train pfenet-synthetic-small-1shot fold 3" in err  # each fold's lines carry its name
     for k in FOLDS:
         assert _equal(_weights(tmp_path / f"fold{k}"), serial_runs[k]), f"fold {k}"
@@ -67,7 +69,7 @@ def test_a_failed_fold_lets_the_others_finish_and_is_named_in_one_line(synthetic
     code, _, err = run_fss(_train_args(synthetic_root, str(tmp_path / "fold{fold}"), (0, 1, 2), "--slots", "2"), capsys)
     assert code == 2, err
     last = [line for line in err.splitlines() if line.strip()][-1]
-    assert last.startswith("error: fold 1 (exit code 2) failed") and "rerun the same command" in last, last
+    assert last.startswith("error: fold 1 (exit code 2) failed") and "the others ran to their end" in last, last
     assert all((tmp_path / f"fold{k}" / "model.pt").is_file() for k in (0, 2))
     assert not (tmp_path / "fold1" / "model.pt").exists()
 
@@ -89,6 +91,19 @@ def test_slots_follow_the_gpus_or_the_cpu_cores(monkeypatch):
             P.slot_envs(bad, 4, "cpu")
 
 
+@pytest.mark.slow
+def test_one_slot_trains_the_folds_one_after_another_in_this_process(synthetic_root, serial_runs, tmp_path, capsys):
+    """--slots 1 (what each slot's process runs): no child process, the serial runs' weights, and a
+    failed fold still lets the next one train."""
+    (tmp_path / "fold2").mkdir()
+    (tmp_path / "fold2" / "stray.txt").write_text("not a run")
+    code, _, err = run_fss(_train_args(synthetic_root, str(tmp_path / "fold{fold}"), (1, 2, 3), "--slots", "1"), capsys)
+    assert code == 2 and "started (pid" not in err, err
+    assert [line for line in err.splitlines() if line.strip()][-1].startswith("error: fold 2 (exit code 2) failed")
+    for k in (1, 3):
+        assert _equal(_weights(tmp_path / f"fold{k}"), serial_runs[k]), f"fold {k}"
+
+
 def test_several_folds_need_a_fold_placeholder(synthetic_root, tmp_path, capsys):
     code, _, err = run_fss(_train_args(synthetic_root, str(tmp_path / "run"), (0, 1)), capsys)
     assert code == 2 and "{fold} in --out" in err, err
@@ -106,7 +121,7 @@ def test_folds_run_as_jobs_of_submitits_local_executor(synthetic_root, serial_ru
                        "--params", str(tmp_path / "params.yaml"))
     code, _, err = run_fss(args, capsys)
     assert code == 0, err
-    assert err.count("submitted as local job") == 2, err
+    assert err.count("submitted as local job") == 2, err  # one job per fold
     for k in (0, 2):
         assert _equal(_weights(tmp_path / f"fold{k}"), serial_runs[k]), f"fold {k}"
     assert list((tmp_path / "submitit").glob("*_log.out")), "submitit wrote no job log"
