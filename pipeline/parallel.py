@@ -55,9 +55,19 @@ class Job:
     env: Mapping[str, str] = field(default_factory=dict)
 
 
+#: the directory holding this process's `pipeline` package: children import the same code
+CODE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
 def fss_argv(*args: str) -> list[str]:
-    """The `fss` command line run by this interpreter (also where `fss` is not on PATH)."""
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    """The `fss` command line run by this interpreter (also where `fss` is not on PATH). ``-P``:
+    the working directory is not put first on the module path, so a checkout there cannot
+    shadow the code this process runs (local children also get CODE_ROOT first on PYTHONPATH)."""
+    return [sys.executable, "-P", "-m", "pipeline.cli", *args]
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join(p for p in (CODE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def usable_cores() -> int:
@@ -243,7 +253,8 @@ def run_local(jobs: Sequence[Job], slots: Sequence[Mapping[str, str]], say: Say)
 def _start(job: Job, slot_env: Mapping[str, str], say: Say) -> subprocess.Popen:
     """The job's process, writing to this one's stdout/stderr (no pipe that would break if this
     process died) with each line prefixed ``[job]`` by `fss` itself (FSS_LOG_PREFIX)."""
-    env = {**os.environ, **slot_env, **job.env, "PYTHONUNBUFFERED": "1", LOG_PREFIX_ENV: f"[{job.name}] "}
+    env = {**os.environ, **slot_env, **job.env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath(),
+           LOG_PREFIX_ENV: f"[{job.name}] "}
     proc = subprocess.Popen(job.argv, env=env, preexec_fn=_die_with_parent)
     where = f"GPU {slot_env['CUDA_VISIBLE_DEVICES']}" if slot_env.get("CUDA_VISIBLE_DEVICES") else \
         f"{slot_env.get('OMP_NUM_THREADS', '?')} CPU threads"
