@@ -57,10 +57,10 @@ from fss.data.classes import IGNORE_INDEX
 from fss.errors import ConfigError
 
 #: cv2's thread count in every process that imports this module: 0 = run each call in the
-#: calling thread. A DataLoader worker transforms one image at a time, and splitting a
-#: 500x375 image's resize or warp over a pool costs more than it saves (docs/benchmarks.md,
-#: "Data loading: augmentation per image"); N workers x a pool per worker would also
-#: oversubscribe the cores, and a pool started before ``fork`` does not exist in the child.
+#: calling thread. A DataLoader worker transforms one image at a time, and a second thread
+#: made a 500x375 image's resize, warp and blur no faster (docs/benchmarks.md, "Data
+#: loading: augmentation per image"); N workers x a pool per worker would oversubscribe the
+#: cores, and a pool started before the DataLoader forks does not exist in the children.
 CV2_THREADS = 0
 cv2.setNumThreads(CV2_THREADS)
 
