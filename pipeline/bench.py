@@ -24,6 +24,10 @@ CELP and DPNet on PFENet / CANet, SimPropNet on CANet) also get their training-s
 as a ratio to their base's at the same precision (bases missing from ``--method`` are
 added). The JSON report carries the machine description (CPU model and count, torch
 version, threads, device name).
+
+``fss bench --data`` times the training augmentation per image instead, ours against the
+references' operations, and the DataLoader workers a step rate needs: see
+:mod:`pipeline.bench_data`.
 """
 
 from __future__ import annotations
@@ -531,12 +535,16 @@ def bench_command(
     markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table on stdout instead of the rich table."),
     out: Path = typer.Option(Path("bench.json"), help="JSON report file."),
     warmup: int = typer.Option(1, help="Untimed calls before timing."),
-    repeats: int = typer.Option(3, help="Timed calls (the median is reported)."),
+    repeats: Optional[int] = typer.Option(None, help="Timed calls (the median is reported; default 3, with --data 200 per preset and role)."),
     knob: Optional[list[str]] = typer.Option(None, "--knob", help="KEY=VALUE knob override for every method that has it (e.g. pyramid_bins=[6,3,1.0]); repeatable."),
     threads: Optional[int] = typer.Option(None, help="torch.set_num_threads (default: torch's)."),
     matmul_size: Optional[int] = typer.Option(None, help="Side of the square matmul of the machine rate (default 2048 CPU, 8192 CUDA)."),
+    data: bool = typer.Option(False, "--data", help="Time the training augmentation per image instead, ours against the references' operations (pipeline/bench_data.py); uses --preset, --batch, --shot, --warmup, --repeats, --threads (default 1), --step-rate."),
+    preset: Optional[list[str]] = typer.Option(None, "--preset", help="--data: augmentation preset to time (pfenet, panet, hsnet, canet); repeatable (default: all)."),
+    step_rate: Optional[float] = typer.Option(None, "--step-rate", help="--data: training steps per second to feed; adds the workers needed (batch * (shot + 1) images per step)."),
 ) -> None:
-    """Median time, FLOPs, FLOP/s and peak memory of a training step and an evaluation episode."""
+    """Median time, FLOPs, FLOP/s and peak memory of a training step and an evaluation episode
+    (with --data: the training augmentation's time per image)."""
     import json
 
     import torch
@@ -545,6 +553,14 @@ def bench_command(
     from pipeline.console import console
     from pipeline.runs import write_json
 
+    if data:
+        _data_bench(preset, batch=batch, shot=shot, warmup=warmup, calls=200 if repeats is None else repeats,
+                    step_rate=step_rate, threads=1 if threads is None else threads, out=out, as_json=as_json,
+                    markdown=markdown)
+        return
+    if preset or step_rate is not None:
+        raise ConfigError("--preset and --step-rate time the augmentation: add --data.")
+    repeats = 3 if repeats is None else repeats
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads {threads} must be at least 1.")
@@ -567,4 +583,28 @@ def bench_command(
         if not stdout.is_terminal:
             stdout = Console(width=200)  # a file or pipe: keep every column readable
         stdout.print(results_table(report))
+        console.print(f"report -> {out}", highlight=False, markup=False)
+
+
+def _data_bench(presets, *, out: Path, as_json: bool, markdown: bool, **settings) -> None:
+    """``fss bench --data``: run :func:`pipeline.bench_data.run_data_benchmark` and report."""
+    import json
+
+    from rich.console import Console
+
+    from pipeline import bench_data
+    from pipeline.console import console
+    from pipeline.runs import write_json
+
+    report = bench_data.run_data_benchmark(
+        presets or None, say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True), **settings)
+    write_json(out, report)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True))
+    elif markdown:
+        typer.echo(bench_data.data_markdown(report), nl=False)
+    else:
+        stdout = Console() if Console().is_terminal else Console(width=200)
+        for table in bench_data.data_results_table(report):
+            stdout.print(table)
         console.print(f"report -> {out}", highlight=False, markup=False)

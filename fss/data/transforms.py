@@ -10,32 +10,66 @@ Conventions
   same geometry), ``rng`` a :class:`numpy.random.Generator` holding ALL the randomness of
   the call (so episodes are reproducible whatever the DataLoader workers), and ``role``
   ``"query"`` or ``"support"``. It returns the ImageNet-normalised image ``float32
-  [3, S, S]`` and the masks ``int64 [M, S, S]``.
-* Internally images are float tensors on the 0..255 scale (PFENet converts to float32
-  before augmenting); normalisation is the last step. Masks are padded with 255 (ignore).
-* Images use bilinear interpolation, masks nearest. PFENet (cv2) resizes without
-  anti-aliasing; PANet/HSNet/CANet resize PIL images, which anti-aliases when shrinking:
-  each preset's ``antialias`` default follows its reference.
-* Resize, rotate, blur, flip, pad, crop and normalisation are
-  ``torchvision.transforms.v2.functional`` called with the reference codebases' settings
-  (the tests check those settings against an independent formulation of each operation).
+  [3, S, S]`` and the masks ``int64 [M, S, S]``. Masks are padded with 255 (ignore).
+* **Training presets** compute on numpy arrays (``[H, W, 3]`` images, ``[M, H, W]`` masks)
+  with the reference codebases' own operations. pfenet, as PFENet's ``util/transform.py``:
+  the image is float32 on the 0..255 scale (PFENet converts before augmenting);
+  ``cv2.resize`` with ``fx = fy = factor`` (INTER_LINEAR image, INTER_NEAREST masks),
+  ``cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)`` + ``cv2.warpAffine`` (INTER_LINEAR /
+  INTER_NEAREST, BORDER_CONSTANT with the mean pixel / 255), ``cv2.GaussianBlur((5, 5), 0)``
+  (BORDER_REFLECT_101), ``cv2.flip``, and ``cv2.copyMakeBorder`` for the crop's padding.
+  panet, hsnet and canet resize PIL images in their references, so their image stays uint8
+  and is resized with PIL's bilinear filter (anti-aliased when shrinking;
+  ``antialias=False`` uses ``cv2.resize`` INTER_LINEAR instead); their masks follow each
+  reference's label resize: PIL's NEAREST (the source pixel under the destination pixel's
+  centre, cv2 INTER_NEAREST_EXACT) for panet and canet, torch's ``nearest`` (``floor(dst *
+  src / dst)``, cv2 INTER_NEAREST) for hsnet.
+  The random draws (their order and count) are those of the torchvision implementation this
+  replaced; only the arithmetic moved, to the references': the blur's kernel is cv2's table
+  for sigma 0, the binomial ``[1, 4, 6, 4, 1] / 16`` (the torchvision version sampled a
+  Gaussian of sigma 1.1); the rotation turns about PFENet's ``(w / 2, h / 2)`` (half a pixel
+  right of and below the true centre, which the torchvision version used) and adds the fill
+  by the out-of-image weight (torchvision also scaled the in-image part by the in-image
+  weight); pfenet's resize maps coordinates with the drawn factor as ``cv2.resize(fx, fy)``
+  does (not with the rounded size's ratio); panet/hsnet/canet images are rounded to uint8
+  after resizing, as PIL does, and panet/canet masks are resized as PIL's NEAREST (the
+  torchvision version used ``floor`` for every preset). cv2 runs on one thread
+  (``cv2.setNumThreads(0)``, at import): see :data:`CV2_THREADS`.
+* **Test resize modes** keep torch tensors (``torchvision.transforms.v2.functional``):
+  images bilinear without anti-aliasing for ``pfenet_pad`` (cv2 ``INTER_LINEAR``
+  semantics), anti-aliased for ``square`` (the PIL resize of those codebases), masks
+  nearest.
+* Normalisation is the last step, ``(x - 255 mean) / (255 std)`` in float32 per channel,
+  the same arithmetic for arrays (:func:`normalize_array`) and tensors (:func:`normalize`).
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from fss.data.classes import IGNORE_INDEX
 from fss.errors import ConfigError
 
+#: cv2's thread count in every process that imports this module: 0 = run each call in the
+#: calling thread. A DataLoader worker transforms one image at a time, and a second thread
+#: made a 500x375 image's resize, warp and blur no faster (docs/benchmarks.md, "Data
+#: loading: augmentation per image"); N workers x a pool per worker would oversubscribe the
+#: cores, and a pool started before the DataLoader forks does not exist in the children.
+CV2_THREADS = 0
+cv2.setNumThreads(CV2_THREADS)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: the ImageNet mean pixel on the 0..255 scale: rotation and crop padding value (pfenet)
 MEAN_PIXEL_255 = tuple(m * 255.0 for m in IMAGENET_MEAN)
+_MEAN_255_F32 = np.array(MEAN_PIXEL_255, np.float32)
+_STD_255_F32 = np.array([s * 255.0 for s in IMAGENET_STD], np.float32)
 
 TRAIN_AUG_PRESETS = ("pfenet", "panet", "hsnet", "canet", "none")
 TEST_RESIZE_MODES = ("pfenet_pad", "square")
@@ -67,15 +101,33 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
 
 def masks_to_tensor(masks: np.ndarray) -> torch.Tensor:
     """``uint8 [M, H, W]`` (or ``[H, W]``) -> ``uint8 [M, H, W]`` tensor."""
+    return torch.from_numpy(_writable(as_mask_stack(masks), np.uint8))
+
+
+def as_mask_stack(masks: np.ndarray) -> np.ndarray:
+    """``[M, H, W]`` masks as given, a single ``[H, W]`` mask as ``[1, H, W]``."""
     masks = np.asarray(masks)
-    if masks.ndim == 2:
-        masks = masks[None]
-    return torch.from_numpy(_writable(masks, np.uint8))
+    return masks[None] if masks.ndim == 2 else masks
 
 
 def normalize(image255: torch.Tensor) -> torch.Tensor:
     """ImageNet normalisation of a 0..255 image: ``(x / 255 - mean) / std``."""
     return TF.normalize(image255, list(MEAN_PIXEL_255), [s * 255.0 for s in IMAGENET_STD])
+
+
+def normalize_array(image: np.ndarray) -> torch.Tensor:
+    """:func:`normalize` of a ``[H, W, 3]`` array (uint8 or float32, 0..255), returned as
+    ``float32 [3, H, W]``: the same float32 subtraction and division per channel."""
+    planes = np.empty((3,) + image.shape[:2], np.float32)
+    for c in range(3):  # strided reads beat cv2.split's copies (0.28 vs 0.37 ms at 473 px)
+        np.subtract(image[:, :, c], _MEAN_255_F32[c], out=planes[c], dtype=np.float32)
+        np.divide(planes[c], _STD_255_F32[c], out=planes[c])
+    return torch.from_numpy(planes)
+
+
+def masks_to_long(masks: np.ndarray) -> torch.Tensor:
+    """``[M, H, W]`` mask array -> ``int64`` tensor (a copy)."""
+    return torch.from_numpy(np.ascontiguousarray(masks, dtype=np.int64))
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:
@@ -86,63 +138,122 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
     return image * std + mean
 
 
-# ---------------------------------------------------------------- geometric primitives
+# ---------------------------------------------------------------- array primitives (training)
 
 
-def resize_pair(image: torch.Tensor, masks: torch.Tensor, height: int, width: int,
-                antialias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _each_mask(masks: np.ndarray, op) -> np.ndarray:
+    """Apply a 2-D cv2 operation to every mask of ``[M, H, W]`` (labels are 2-D in cv2)."""
+    return np.stack([op(m) for m in masks])
+
+
+def _pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """PIL's bilinear resize (anti-aliased when shrinking): uint8 RGB at once, float32 per
+    channel (PIL mode ``F``)."""
+    size = (int(width), int(height))
+    if image.dtype == np.uint8:
+        return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, c], np.float32))
+                                .resize(size, Image.Resampling.BILINEAR)) for c in range(image.shape[2])], -1)
+
+
+#: mask nearest-neighbour rules: ``floor`` = source index ``floor(dst * src / dst)`` (cv2
+#: INTER_NEAREST, torch's ``nearest``); ``centre`` = the source pixel under the destination
+#: pixel's centre, ``floor((dst + 0.5) * src / dst)`` (cv2 INTER_NEAREST_EXACT, equal to PIL's
+#: NEAREST)
+MASK_NEAREST = {"floor": cv2.INTER_NEAREST, "centre": cv2.INTER_NEAREST_EXACT}
+
+
+def resize_arrays(image: np.ndarray, masks: np.ndarray, height: int, width: int,
+                  antialias: bool = False, mask_nearest: str = "floor") -> tuple[np.ndarray, np.ndarray]:
     """Resize image and masks to ``height x width``: the image bilinear with half-pixel
-    centres (cv2 ``INTER_LINEAR`` when ``antialias`` is off, PIL's when on), the masks
-    nearest (torchvision's NEAREST: source index ``floor(dst * scale)``, as cv2
-    ``INTER_NEAREST``), so labels stay exact and 255 stays 255."""
-    if image.shape[-2:] == (height, width):
+    centres (``cv2.resize`` INTER_LINEAR, or PIL's bilinear filter when ``antialias``), the
+    masks nearest by the :data:`MASK_NEAREST` rule ``mask_nearest``, so labels stay exact
+    and 255 stays 255."""
+    if masks.shape[-2:] == (height, width):
         return image, masks
-    size = [int(height), int(width)]
-    return (TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=antialias),
-            TF.resize(masks, size, interpolation=InterpolationMode.NEAREST))
+    size = (int(width), int(height))
+    if antialias:
+        image = _pil_resize(image, height, width)
+    else:
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    rule = MASK_NEAREST[mask_nearest]
+    return image, _each_mask(masks, lambda m: cv2.resize(m, size, interpolation=rule))
 
 
-def rotate_about_centre(x: torch.Tensor, angle: float, mode: str, fill) -> torch.Tensor:
-    """Rotate ``[C, H, W]`` by ``angle`` degrees counter-clockwise about the image centre,
-    same size (``mode`` ``"bilinear"`` or ``"nearest"``); pixels from outside the image get
-    ``fill`` (one value per channel): bilinear blends it in by the out-of-image weight,
-    nearest takes it where less than half of the weight is inside. Integer inputs are
-    rounded back to their dtype."""
-    return TF.rotate(x, float(angle), interpolation=InterpolationMode(mode),
-                     fill=[float(f) for f in fill])
+def _check_mask_nearest(value: str) -> str:
+    if value not in MASK_NEAREST:
+        raise ConfigError(f"unknown mask_nearest {value!r}; choose one of: {', '.join(MASK_NEAREST)}.")
+    return value
 
 
-def gaussian_blur(image: torch.Tensor, size: int, sigma: float | None = None) -> torch.Tensor:
-    """Blur a float ``[C, H, W]`` image with a ``size x size`` Gaussian, borders reflected
-    without repeating the edge (cv2's default ``BORDER_REFLECT_101``); ``sigma`` defaults to
-    the kernel-size rule of cv2/torchvision ``0.3 * ((size - 1) / 2 - 1) + 0.8``."""
-    return TF.gaussian_blur(image, [size, size], None if sigma is None else [sigma, sigma])
+def scale_arrays(image: np.ndarray, masks: np.ndarray, factor: float,
+                 antialias: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scale both sides by ``factor`` as ``cv2.resize(None, fx=factor, fy=factor)``: new side
+    ``round(side * factor)``, source coordinate ``(dst + 0.5) / factor - 0.5`` (nearest:
+    ``floor(dst / factor)``). With ``antialias`` (or a side that would round to 0) the
+    image goes through :func:`resize_arrays` to that size (at least 1) instead."""
+    h, w = masks.shape[-2:]
+    new_h, new_w = int(round(h * factor)), int(round(w * factor))
+    if antialias or new_h < 1 or new_w < 1:
+        return resize_arrays(image, masks, max(1, new_h), max(1, new_w), antialias=antialias)
+    f = float(factor)
+    image = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+    return image, _each_mask(masks, lambda m: cv2.resize(m, None, fx=f, fy=f, interpolation=cv2.INTER_NEAREST))
+
+
+def rotate_arrays(image: np.ndarray, masks: np.ndarray, angle: float, image_fill=MEAN_PIXEL_255,
+                  ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
+    """PFENet's rotation: ``angle`` degrees counter-clockwise about ``(w / 2, h / 2)`` (cv2
+    pixel-centre coordinates, as ``cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)``),
+    same size, ``cv2.warpAffine`` INTER_LINEAR for the image (pixels from outside the image
+    are ``image_fill``, one value per channel, blended in by their bilinear weight) and
+    INTER_NEAREST for the masks (outside: ``ignore_index``)."""
+    h, w = masks.shape[-2:]
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), float(angle), 1.0)
+    fill = tuple(float(f) for f in image_fill)
+    image = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+    masks = _each_mask(masks, lambda m: cv2.warpAffine(
+        m, matrix, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+        borderValue=int(ignore_index)))
+    return image, masks
+
+
+def gaussian_blur(image: np.ndarray, size: int) -> np.ndarray:
+    """``cv2.GaussianBlur(image, (size, size), 0)``, borders reflected without repeating the
+    edge (``BORDER_REFLECT_101``). For sigma 0 OpenCV takes small kernels from a fixed table
+    (``cv2.getGaussianKernel``): size 5, PFENet's, is the binomial ``[1, 4, 6, 4, 1] / 16``,
+    not samples of the sigma ``0.3 * ((size - 1) / 2 - 1) + 0.8`` = 1.1 it uses for large
+    kernels."""
+    return cv2.GaussianBlur(image, (int(size), int(size)), 0)
+
+
+def hflip_arrays(image: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror image and masks left-right (``cv2.flip(x, 1)``)."""
+    return cv2.flip(image, 1), _each_mask(masks, lambda m: cv2.flip(m, 1))
 
 
 def rand_scale(image, masks, rng: np.random.Generator, scale_range=(0.9, 1.1), antialias=False):
-    """pfenet RandScale: one factor ``U(scale_range)`` for both sides (aspect kept);
-    new side = round(side * factor) as cv2.resize with fx/fy."""
+    """pfenet RandScale: one factor ``U(scale_range)`` for both sides (aspect kept),
+    :func:`scale_arrays` (``cv2.resize`` with fx = fy = factor)."""
     factor = scale_range[0] + (scale_range[1] - scale_range[0]) * rng.random()
-    h, w = masks.shape[-2:]
-    new_h, new_w = max(1, int(round(h * factor))), max(1, int(round(w * factor)))
-    return resize_pair(image, masks, new_h, new_w, antialias=antialias)
+    return scale_arrays(image, masks, factor, antialias=antialias)
 
 
 def rand_rotate(image, masks, rng: np.random.Generator, angle_range=(-10.0, 10.0), p=0.5,
                 image_fill=MEAN_PIXEL_255, ignore_index=IGNORE_INDEX):
-    """pfenet RandRotate: with probability ``p`` rotate by ``U(angle_range)`` degrees about
-    the image centre, same size; the image is padded with ``image_fill`` (the ImageNet mean
+    """pfenet RandRotate: with probability ``p`` rotate by ``U(angle_range)`` degrees
+    (:func:`rotate_arrays`); the image is padded with ``image_fill`` (the ImageNet mean
     pixel), the masks with 255."""
     if rng.random() < p:
         angle = angle_range[0] + (angle_range[1] - angle_range[0]) * rng.random()
-        image = rotate_about_centre(image, angle, "bilinear", image_fill)
-        masks = rotate_about_centre(masks, angle, "nearest", [ignore_index] * masks.shape[0])
+        image, masks = rotate_arrays(image, masks, angle, image_fill, ignore_index)
     return image, masks
 
 
 def rand_gaussian_blur(image, rng: np.random.Generator, radius=5, p=0.5):
-    """pfenet RandomGaussianBlur: ``radius x radius`` kernel, sigma from the kernel size as
-    cv2 (``0.3 * ((k - 1) / 2 - 1) + 0.8``), p = 0.5."""
+    """pfenet RandomGaussianBlur: with probability ``p``, :func:`gaussian_blur` with a
+    ``radius x radius`` kernel (cv2's sigma 0)."""
     if rng.random() < p:
         image = gaussian_blur(image, radius)
     return image
@@ -151,13 +262,14 @@ def rand_gaussian_blur(image, rng: np.random.Generator, radius=5, p=0.5):
 def rand_hflip(image, masks, rng: np.random.Generator, p=0.5):
     """Horizontal flip of image and masks together with probability ``p``."""
     if rng.random() < p:
-        image, masks = TF.horizontal_flip(image), TF.horizontal_flip(masks)
+        image, masks = hflip_arrays(image, masks)
     return image, masks
 
 
 def pad_to_at_least(image, masks, size: int, image_fill=MEAN_PIXEL_255,
                     ignore_index=IGNORE_INDEX, centered: bool = True):
-    """Pad so both sides are >= ``size``: image with ``image_fill``, masks with 255.
+    """Pad so both sides are >= ``size`` (``cv2.copyMakeBorder``, BORDER_CONSTANT): image
+    with ``image_fill``, masks with 255.
 
     ``centered`` (pfenet Crop): half of the padding above/left (rounded down), the rest
     below/right. Otherwise everything goes bottom/right.
@@ -167,9 +279,11 @@ def pad_to_at_least(image, masks, size: int, image_fill=MEAN_PIXEL_255,
     if pad_h == 0 and pad_w == 0:
         return image, masks
     top, left = (pad_h // 2, pad_w // 2) if centered else (0, 0)
-    sides = [left, top, pad_w - left, pad_h - top]
-    return (TF.pad(image, sides, fill=[float(f) for f in image_fill]),
-            TF.pad(masks, sides, fill=ignore_index))
+    sides = (top, pad_h - top, left, pad_w - left)
+    fill = tuple(float(f) for f in image_fill)
+    image = cv2.copyMakeBorder(image, *sides, cv2.BORDER_CONSTANT, value=fill)
+    return image, _each_mask(masks, lambda m: cv2.copyMakeBorder(
+        m, *sides, cv2.BORDER_CONSTANT, value=int(ignore_index)))
 
 
 def random_crop_keeping_foreground(image, masks, size: int, rng: np.random.Generator, *,
@@ -181,17 +295,17 @@ def random_crop_keeping_foreground(image, masks, size: int, rng: np.random.Gener
 
     PFENet's loop is ``while pos < 0.85 * raw_pos and crop_cnt <= 30``, i.e. at most 31
     re-draws, hence ``max_retries=31``; the last draw is kept either way.
-    Returns ``(image, masks, retries)``.
+    Returns ``(image, masks, retries)`` (the crops are views of the padded arrays).
     """
     image, masks = pad_to_at_least(image, masks, size, image_fill, ignore_index, centered=True)
     h, w = masks.shape[-2:]
-    raw_pos = int((masks[0] == 1).sum())
+    raw_pos = int(np.count_nonzero(masks[0] == 1))
 
     def draw():
         top = int(rng.integers(0, h - size + 1))
         left = int(rng.integers(0, w - size + 1))
-        crop_m = TF.crop(masks, top, left, size, size)
-        return TF.crop(image, top, left, size, size), crop_m, int((crop_m[0] == 1).sum())
+        crop_m = masks[:, top:top + size, left:left + size]
+        return image[top:top + size, left:left + size], crop_m, int(np.count_nonzero(crop_m[0] == 1))
 
     crop_i, crop_m, pos = draw()
     retries = 0
@@ -199,6 +313,22 @@ def random_crop_keeping_foreground(image, masks, size: int, rng: np.random.Gener
         crop_i, crop_m, pos = draw()
         retries += 1
     return crop_i, crop_m, retries
+
+
+# ---------------------------------------------------------------- tensor primitives (test modes)
+
+
+def resize_pair(image: torch.Tensor, masks: torch.Tensor, height: int, width: int,
+                antialias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize image and masks tensors to ``height x width``: the image bilinear with
+    half-pixel centres (cv2 ``INTER_LINEAR`` when ``antialias`` is off, PIL's when on), the
+    masks nearest (torchvision's NEAREST: source index ``floor(dst * scale)``, as cv2
+    ``INTER_NEAREST``), so labels stay exact and 255 stays 255."""
+    if image.shape[-2:] == (height, width):
+        return image, masks
+    size = [int(height), int(width)]
+    return (TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=antialias),
+            TF.resize(masks, size, interpolation=InterpolationMode.NEAREST))
 
 
 def pfenet_pad_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -242,12 +372,29 @@ class EpisodeTransform:
         return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
 
 
-class PFENetTrainTransform(EpisodeTransform):
+class ArrayEpisodeTransform(EpisodeTransform):
+    """Base class of the training presets: ``geometric`` works on numpy arrays (image
+    ``[H, W, 3]`` in :attr:`image_dtype`, masks ``uint8 [M, H, W]``) with cv2 / PIL, and the
+    result is normalised by :func:`normalize_array`."""
+
+    #: the image's dtype during the geometry: uint8 (PIL codebases) or float32 (PFENet)
+    image_dtype = np.uint8
+
+    def __call__(self, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
+                 role: str = "query") -> tuple[torch.Tensor, torch.Tensor]:
+        image = np.asarray(image).astype(self.image_dtype, copy=False)
+        masks = as_mask_stack(masks).astype(np.uint8, copy=False)
+        img, m = self.geometric(image, masks, rng, role)
+        return normalize_array(img), masks_to_long(m)
+
+
+class PFENetTrainTransform(ArrayEpisodeTransform):
     """pfenet training augmentation (protocol section 4), for query and supports alike:
     RandScale -> RandRotate (p=0.5, mean/255 padding) -> Gaussian blur (p=0.5) -> h-flip
     (p=0.5) -> random crop with the 85% foreground retry -> normalisation."""
 
     name = "pfenet"
+    image_dtype = np.float32  # PFENet augments np.float32(image)
 
     def __init__(self, size: int = 473, scale_range=(0.9, 1.1), rotate_range=(-10.0, 10.0),
                  rotate_p: float = 0.5, blur_radius: int = 5, blur_p: float = 0.5,
@@ -273,50 +420,61 @@ class PFENetTrainTransform(EpisodeTransform):
         return image, masks
 
 
-class ResizeFlipTransform(EpisodeTransform):
+class ResizeFlipTransform(ArrayEpisodeTransform):
     """Resize to ``size x size`` (aspect not kept) then h-flip with ``flip_p``:
-    panet (flip 0.5) and hsnet (flip 0, i.e. no augmentation)."""
+    panet (flip 0.5) and hsnet (flip 0, i.e. no augmentation). The image stays uint8 and is
+    resized with PIL's bilinear filter (``antialias``, the references' PIL resize) or
+    ``cv2.resize`` INTER_LINEAR; the masks by ``mask_nearest`` (:data:`MASK_NEAREST`):
+    PANet resizes its PIL labels with NEAREST (``centre``), HSNet its mask tensors with
+    torch's ``nearest`` (``floor``)."""
 
-    def __init__(self, size: int, flip_p: float = 0.5, antialias: bool = True, name: str = "panet"):
+    def __init__(self, size: int, flip_p: float = 0.5, antialias: bool = True, name: str = "panet",
+                 mask_nearest: str = "centre"):
         self.size = int(size)
         self.flip_p = flip_p
         self.antialias = antialias
         self.name = name
+        self.mask_nearest = _check_mask_nearest(mask_nearest)
 
     def geometric(self, image, masks, rng, role):
-        image, masks = resize_pair(image, masks, self.size, self.size, antialias=self.antialias)
+        image, masks = resize_arrays(image, masks, self.size, self.size, antialias=self.antialias,
+                                     mask_nearest=self.mask_nearest)
         if self.flip_p > 0:
             image, masks = rand_hflip(image, masks, rng, self.flip_p)
         return image, masks
 
 
-class CANetTrainTransform(EpisodeTransform):
+class CANetTrainTransform(ArrayEpisodeTransform):
     """canet: a support is resized to a random square of side ``int(U(1, 1.5) * size)``,
-    randomly cropped to ``size`` and h-flipped (p=0.5); the query is resized to ``size``."""
+    randomly cropped to ``size`` and h-flipped (p=0.5); the query is resized to ``size``.
+    Resizing as :class:`ResizeFlipTransform` (uint8, PIL bilinear by default; masks as PIL's
+    NEAREST, CANet's label resize, by default)."""
 
     name = "canet"
 
     def __init__(self, size: int = 321, scale_range=(1.0, 1.5), flip_p: float = 0.5,
-                 antialias: bool = True):
+                 antialias: bool = True, mask_nearest: str = "centre"):
         self.size = int(size)
         self.scale_range = tuple(scale_range)
         self.flip_p = flip_p
         self.antialias = antialias
+        self.mask_nearest = _check_mask_nearest(mask_nearest)
 
     def geometric(self, image, masks, rng, role):
+        resize = dict(antialias=self.antialias, mask_nearest=self.mask_nearest)
         if role == "query":
-            return resize_pair(image, masks, self.size, self.size, antialias=self.antialias)
+            return resize_arrays(image, masks, self.size, self.size, **resize)
         u = self.scale_range[0] + (self.scale_range[1] - self.scale_range[0]) * rng.random()
         side = max(self.size, int(u * self.size))
-        image, masks = resize_pair(image, masks, side, side, antialias=self.antialias)
+        image, masks = resize_arrays(image, masks, side, side, **resize)
         top = int(rng.integers(0, side - self.size + 1))
         left = int(rng.integers(0, side - self.size + 1))
-        image = TF.crop(image, top, left, self.size, self.size)
-        masks = TF.crop(masks, top, left, self.size, self.size)
+        image = image[top:top + self.size, left:left + self.size]
+        masks = masks[:, top:top + self.size, left:left + self.size]
         return rand_hflip(image, masks, rng, self.flip_p)
 
 
-class NoAugTransform(EpisodeTransform):
+class NoAugTransform(ArrayEpisodeTransform):
     """"none": normalisation only, original size kept (batch size 1 unless sizes agree)."""
 
     name = "none"
@@ -372,6 +530,7 @@ def build_train_transform(preset: str, dataset: str = "pascal", size: int | None
         if preset == "panet":
             return ResizeFlipTransform(size, flip_p=options.pop("flip_p", 0.5), name="panet", **options)
         if preset == "hsnet":
+            options.setdefault("mask_nearest", "floor")
             return ResizeFlipTransform(size, flip_p=options.pop("flip_p", 0.0), name="hsnet", **options)
         return CANetTrainTransform(size=size, **options)
     except TypeError as exc:

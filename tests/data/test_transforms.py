@@ -1,10 +1,13 @@
-"""Transforms: pfenet augmentation pieces, test resize modes, original-resolution scoring."""
+"""Transforms: pfenet augmentation pieces (against OpenCV's reference calls), test resize
+modes, original-resolution scoring."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fss.data.transforms import (
     IMAGENET_MEAN,
@@ -17,8 +20,8 @@ from fss.data.transforms import (
     build_train_transform,
     denormalize,
     image_to_tensor,
-    masks_to_tensor,
     normalize,
+    normalize_array,
     original_resolution_pairs,
     pad_label_square,
     pfenet_pad_size,
@@ -26,6 +29,7 @@ from fss.data.transforms import (
     rand_rotate,
     rand_scale,
     random_crop_keeping_foreground,
+    rotate_arrays,
     to_original_resolution,
 )
 from fss.errors import ConfigError
@@ -67,36 +71,145 @@ def test_pfenet_train_output_sizes_and_label_padding():
         assert (masks[0] == 1).sum() > 0
 
 
+def float_image(h, w):
+    return striped_image(h, w).astype(np.float32)
+
+
 def test_rand_scale_keeps_aspect_and_range():
-    image, masks = image_to_tensor(striped_image(40, 60)), masks_to_tensor(np.zeros((40, 60), np.uint8))
+    image, masks = float_image(40, 60), np.zeros((1, 40, 60), np.uint8)
     for seed in range(10):
         img, m = rand_scale(image, masks, rng(seed), (0.8, 1.25))
         h, w = m.shape[-2:]
-        assert img.shape[-2:] == (h, w)
-        assert 32 <= h <= 50 and 48 <= w <= 75
-        assert abs(w / h - 1.5) < 0.06
+        factor = 0.8 + 0.45 * rng(seed).random()
+        assert img.shape == (h, w, 3) and img.dtype == np.float32 and m.dtype == np.uint8
+        assert (h, w) == (round(40 * factor), round(60 * factor))  # cv2.resize(fx, fy)'s size
 
 
 def test_rotation_pads_image_with_mean_and_label_with_255():
-    image = image_to_tensor(np.zeros((41, 41, 3), np.uint8))  # black image
-    masks = masks_to_tensor(np.ones((2, 41, 41), np.uint8))
+    image = np.zeros((41, 41, 3), np.float32)  # black image
+    masks = np.ones((2, 41, 41), np.uint8)
     img, m = rand_rotate(image, masks, rng(), angle_range=(9.0, 10.0), p=1.0)
-    corner = normalize(img)[:, 0, 0]
-    assert corner.abs().max() < 0.05, corner  # the mean pixel normalises to ~0
+    corner = normalize_array(img)[:, 0, 0]
+    assert corner.abs().max() < 1e-5, corner  # the mean pixel normalises to 0
     assert (m[:, 0, 0] == 255).all()
-    assert normalize(img)[:, 20, 20].min() < -1.5  # the centre stays black
+    assert normalize_array(img)[:, 20, 20].min() < -1.5  # the centre stays black
     assert (m[:, 20, 20] == 1).all()
     # p = 0: untouched
     img0, m0 = rand_rotate(image, masks, rng(), p=0.0)
-    assert torch.equal(img0, image) and torch.equal(m0, masks)
+    assert img0 is image and m0 is masks
+
+
+def random_pair(h=37, w=45, seed=0):
+    g = np.random.default_rng(seed)
+    image = g.integers(0, 256, (h, w, 3)).astype(np.float32)
+    masks = g.integers(0, 3, (2, h, w)).astype(np.uint8)
+    masks[:, 10:20, 5:30] = 1
+    return image, masks
+
+
+@pytest.mark.parametrize("angle", [-9.3, 4.0, 7.77])
+def test_rotation_is_pfenets_warp_affine(angle):
+    """PFENet RandRotate: cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1), warpAffine
+    INTER_LINEAR / INTER_NEAREST, BORDER_CONSTANT with the mean pixel / 255."""
+    image, masks = random_pair()
+    h, w = masks.shape[-2:]
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)
+    ref = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=MEAN_PIXEL_255)
+    ref_m = [cv2.warpAffine(m, matrix, (w, h), flags=cv2.INTER_NEAREST,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=255) for m in masks]
+    img, m = rotate_arrays(image, masks, angle)
+    np.testing.assert_array_equal(img, ref)
+    np.testing.assert_array_equal(m, np.stack(ref_m))
+    assert (m == 255).any() and not np.array_equal(img, image)
+    # the whole pfenet transform with only the rotation on: the same, normalised
+    t = PFENetTrainTransform(size=37, scale_range=(1.0, 1.0), rotate_range=(angle, angle),
+                             rotate_p=1.0, blur_p=0.0, flip_p=0.0)
+    square = (image[:, 4:41], masks[:, :, 4:41])
+    out, out_m = t(square[0].astype(np.uint8), square[1], rng(), "query")
+    matrix = cv2.getRotationMatrix2D((37 / 2, 37 / 2), angle, 1)
+    ref = cv2.warpAffine(np.ascontiguousarray(square[0]), matrix, (37, 37), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=MEAN_PIXEL_255)
+    assert torch.equal(out, normalize(torch.from_numpy(ref).permute(2, 0, 1)))
+    assert out_m.shape == (2, 37, 37) and (out_m == 255).any()
+
+
+def test_blur_is_pfenets_gaussian_blur():
+    """PFENet RandomGaussianBlur: cv2.GaussianBlur(image, (5, 5), 0) on the float32 image."""
+    image, masks = random_pair()
+    t = PFENetTrainTransform(size=37, scale_range=(1.0, 1.0), rotate_p=0.0, blur_p=1.0, flip_p=0.0)
+    square = np.ascontiguousarray(image[:, 4:41])
+    out, out_m = t(square.astype(np.uint8), masks[:, :, 4:41], rng(), "query")
+    ref = cv2.GaussianBlur(square, (5, 5), 0)
+    assert torch.equal(out, normalize(torch.from_numpy(ref).permute(2, 0, 1)))
+    assert torch.equal(out_m, torch.from_numpy(masks[:, :, 4:41]).long())  # masks are not blurred
+    assert not np.allclose(ref, square)
+
+
+def test_normalize_array_is_normalize():
+    image, _ = random_pair()
+    expected = normalize(image_to_tensor(image.astype(np.uint8)))
+    assert torch.equal(normalize_array(image.astype(np.uint8)), expected)
+    assert torch.equal(normalize_array(image), expected)
+    assert normalize_array(image).shape == (3, 37, 45) and normalize_array(image).dtype == torch.float32
+
+
+class RecordingGenerator:
+    """A numpy Generator that records the draws made through it."""
+
+    def __init__(self, seed):
+        self.rng, self.calls = rng(seed), []
+
+    def random(self):
+        self.calls.append("random")
+        return self.rng.random()
+
+    def integers(self, low, high):
+        self.calls.append(("integers", int(low), int(high)))
+        return self.rng.integers(low, high)
+
+
+def test_pfenet_draws_in_the_reference_order():
+    """scale, rotate? (+ angle), blur?, flip?, then two integers per crop: the episodes'
+    random decisions depend on this order and count."""
+    image, label = striped_image(30, 44), np.zeros((1, 30, 44), np.uint8)  # no foreground: one crop
+    t = PFENetTrainTransform(size=20)
+    rotated = 0
+    for seed in range(8):
+        g = RecordingGenerator(seed)
+        t(image, label, g, "support")
+        replay = rng(seed)
+        factor = 0.9 + 0.2 * replay.random()
+        expected = ["random", "random"]  # scale factor, rotate or not
+        if replay.random() < 0.5:
+            expected.append("random")  # the angle
+            rotated += 1
+        height, width = round(30 * factor), round(44 * factor)
+        expected += ["random", "random", ("integers", 0, height - 20 + 1), ("integers", 0, width - 20 + 1)]
+        assert g.calls == expected, seed
+    assert 0 < rotated < 8
+
+
+def test_other_presets_draw_in_their_order():
+    image, label = striped_image(30, 44), np.zeros((1, 30, 44), np.uint8)
+    g = RecordingGenerator(0)
+    CANetTrainTransform(size=21)(image, label, g, "support")
+    side = max(21, int((1.0 + 0.5 * rng(0).random()) * 21))
+    assert g.calls == ["random", ("integers", 0, side - 21 + 1), ("integers", 0, side - 21 + 1), "random"]
+    g = RecordingGenerator(0)
+    CANetTrainTransform(size=21)(image, label, g, "query")
+    assert g.calls == []
+    for preset, calls in (("panet", ["random"]), ("hsnet", [])):
+        g = RecordingGenerator(0)
+        build_train_transform(preset, size=21)(image, label, g, "support")
+        assert g.calls == calls, preset
 
 
 def test_crop_retry_keeps_foreground():
     h = w = 100
-    image = image_to_tensor(striped_image(h, w))
-    label = np.zeros((1, h, w), np.uint8)
-    label[0, 2:14, 2:14] = 1  # small object in a corner: most 50x50 crops lose it
-    masks = masks_to_tensor(label)
+    image = float_image(h, w)
+    masks = np.zeros((1, h, w), np.uint8)
+    masks[0, 2:14, 2:14] = 1  # small object in a corner: most 50x50 crops lose it
     raw = int((masks[0] == 1).sum())
     lost_without_retry = 0
     for seed in range(30):
@@ -110,14 +223,23 @@ def test_crop_retry_keeps_foreground():
 
 
 def test_crop_retry_gives_up_after_max_retries():
-    image = image_to_tensor(striped_image(80, 80))
+    image = float_image(80, 80)
     label = np.zeros((1, 80, 80), np.uint8)
     label[0, 5:75, 5:75] = 1  # larger than the crop: never 85% inside
-    _, m, retries = random_crop_keeping_foreground(image_to_tensor(striped_image(80, 80)),
-                                                   masks_to_tensor(label), 40, rng(1))
-    assert retries == 31 and m.shape == (1, 40, 40)
-    _, _, retries = random_crop_keeping_foreground(image, masks_to_tensor(label), 40, rng(1), max_retries=30)
+    img, m, retries = random_crop_keeping_foreground(image, label, 40, rng(1))
+    assert retries == 31 and m.shape == (1, 40, 40) and img.shape == (40, 40, 3)
+    _, _, retries = random_crop_keeping_foreground(image, label, 40, rng(1), max_retries=30)
     assert retries == 30
+
+
+def test_crop_pads_centred_with_mean_and_255():
+    image, label = float_image(30, 44), np.ones((1, 30, 44), np.uint8)
+    img, m, _ = random_crop_keeping_foreground(image, label, 50, rng())
+    # pad 20 rows (10 above, 10 below) and 6 columns (3 left, 3 right), cv2.copyMakeBorder
+    np.testing.assert_array_equal(img, cv2.copyMakeBorder(image, 10, 10, 3, 3, cv2.BORDER_CONSTANT,
+                                                          value=MEAN_PIXEL_255))
+    assert (m[0, :10] == 255).all() and (m[0, 40:] == 255).all() and (m[0, 10:40, 3:47] == 1).all()
+    assert (m[0, 10:40, :3] == 255).all() and (m[0, 10:40, 47:] == 255).all()
 
 
 def test_flip_and_crop_keep_image_and_mask_aligned():
@@ -134,9 +256,9 @@ def test_flip_and_crop_keep_image_and_mask_aligned():
         flipped += int(masks[0, 0, 0] > masks[0, 0, -1])
     assert 0 < flipped < 8
 
-    img_t, m_t = image_to_tensor(image), masks_to_tensor(cols)
-    f_img, f_m = rand_hflip(img_t, m_t, rng(), p=1.0)
-    assert torch.equal(f_img, img_t.flip(-1)) and torch.equal(f_m, m_t.flip(-1))
+    f_img, f_m = rand_hflip(image, cols[None], rng(), p=1.0)
+    np.testing.assert_array_equal(f_img, image[:, ::-1])
+    np.testing.assert_array_equal(f_m, cols[None, :, ::-1])
 
 
 def test_pfenet_pad_size_rounds_down_to_multiple_of_8():
@@ -219,6 +341,39 @@ def test_named_presets():
     assert torch.equal(t(image, label, rng(1))[0], t(image, label, rng(2))[0])
     with pytest.raises(ConfigError, match="pfenet, panet"):
         build_train_transform("fancy")
+
+
+@pytest.mark.parametrize("size", [33, 61])  # shrinking (anti-aliased) and enlarging
+def test_panet_and_hsnet_resize_the_uint8_image_as_pil(size):
+    """PANet / HSNet resize PIL images: PIL's bilinear filter on uint8, then normalisation;
+    masks as PIL's NEAREST (PANet's PIL labels) or torch's nearest, floor(dst * src / dst)
+    (HSNet's mask tensors); antialias=False is cv2.resize."""
+    image, label = striped_image(40, 50), np.zeros((1, 40, 50), np.uint8)
+    label[0, 10:31, 21:45] = 1
+    label[0, 10:31, 21] = 255
+    pil = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+    pil_nearest = np.asarray(Image.fromarray(label[0]).resize((size, size), Image.Resampling.NEAREST))
+    floor = torch.nn.functional.interpolate(torch.from_numpy(label)[None].float(), (size, size), mode="nearest")
+    for preset, nearest in (("panet", pil_nearest), ("hsnet", floor[0, 0].numpy())):
+        t = build_train_transform(preset, size=size, flip_p=0.0)
+        img, m = t(image, label, rng(), "support")
+        assert torch.equal(img, normalize(image_to_tensor(pil))), preset
+        assert torch.equal(m[0], torch.from_numpy(np.array(nearest)).long()), preset
+    assert not np.array_equal(pil_nearest, floor[0, 0].numpy())
+    img, _ = build_train_transform("panet", size=size, flip_p=0.0, antialias=False)(image, label, rng(), "query")
+    linear = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+    assert torch.equal(img, normalize(image_to_tensor(linear)))
+    assert not np.array_equal(linear, pil)
+
+
+def test_mask_nearest_option():
+    image, label = striped_image(40, 50), np.zeros((1, 40, 50), np.uint8)
+    label[0, 10:31, 21:45] = 1
+    t = build_train_transform("canet", size=33, mask_nearest="floor")
+    _, m = t(image, label, rng(), "query")
+    assert torch.equal(m[0], torch.from_numpy(cv2.resize(label[0], (33, 33), interpolation=cv2.INTER_NEAREST)).long())
+    with pytest.raises(ConfigError, match="unknown mask_nearest 'round'; choose one of: floor, centre"):
+        build_train_transform("panet", mask_nearest="round")
 
 
 def test_canet_support_crop_vs_query_resize():
