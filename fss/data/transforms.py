@@ -35,7 +35,8 @@ Conventions
   after resizing, as PIL does, and panet/canet masks are resized as PIL's NEAREST (the
   torchvision version used ``floor`` for every preset). cv2 runs on one thread
   (``cv2.setNumThreads(0)``, at import): see :data:`CV2_THREADS`.
-* **Test resize modes** keep torch tensors (``torchvision.transforms.v2.functional``):
+* **Test resize modes** keep torch tensors (``torch.nn.functional``, the calls torchvision's
+  resize and pad make, without importing torchvision):
   images bilinear without anti-aliasing for ``pfenet_pad`` (cv2 ``INTER_LINEAR``
   semantics), anti-aliased for ``square`` (the PIL resize of those codebases), masks
   nearest.
@@ -49,9 +50,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
 from fss.data.classes import IGNORE_INDEX
 from fss.errors import ConfigError
@@ -112,7 +111,9 @@ def as_mask_stack(masks: np.ndarray) -> np.ndarray:
 
 def normalize(image255: torch.Tensor) -> torch.Tensor:
     """ImageNet normalisation of a 0..255 image: ``(x / 255 - mean) / std``."""
-    return TF.normalize(image255, list(MEAN_PIXEL_255), [s * 255.0 for s in IMAGENET_STD])
+    mean = torch.as_tensor(MEAN_PIXEL_255, dtype=image255.dtype).view(-1, 1, 1)
+    std = torch.as_tensor([s * 255.0 for s in IMAGENET_STD], dtype=image255.dtype).view(-1, 1, 1)
+    return image255.sub(mean).div_(std)
 
 
 def normalize_array(image: np.ndarray) -> torch.Tensor:
@@ -326,9 +327,26 @@ def resize_pair(image: torch.Tensor, masks: torch.Tensor, height: int, width: in
     ``INTER_NEAREST``), so labels stay exact and 255 stays 255."""
     if image.shape[-2:] == (height, width):
         return image, masks
-    size = [int(height), int(width)]
-    return (TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=antialias),
-            TF.resize(masks, size, interpolation=InterpolationMode.NEAREST))
+    size = (int(height), int(width))
+    return _interpolate(image, size, "bilinear", antialias), _interpolate(masks, size, "nearest", False)
+
+
+def _interpolate(x: torch.Tensor, size: tuple[int, int], mode: str, antialias: bool) -> torch.Tensor:
+    """``torch.nn.functional.interpolate`` of ``[..., H, W]`` as torchvision's resize calls it
+    (half-pixel centres; integer labels through float32 and back, exact below 2**24): the same
+    values without importing torchvision, whose import costs every `fss` process over a second."""
+    lead, dtype = x.shape[:-2], x.dtype
+    cast = not (x.is_floating_point() or (mode == "nearest" and dtype == torch.uint8))
+    flat = x.reshape(1, -1, *x.shape[-2:])
+    flat = flat.to(torch.float32) if cast else flat
+    out = nnf.interpolate(flat, size=size, mode=mode, align_corners=False if mode == "bilinear" else None,
+                          antialias=antialias)
+    return (out.to(dtype) if cast else out).reshape(*lead, *size)
+
+
+def _pad(x: torch.Tensor, left: int, top: int, right: int, bottom: int, fill: float) -> torch.Tensor:
+    """Constant padding of the last two axes (torchvision's ``pad`` with a number as fill)."""
+    return nnf.pad(x, (left, right, top, bottom), mode="constant", value=fill)
 
 
 def pfenet_pad_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -348,8 +366,8 @@ def resize_pad_top_left(image, masks, size: int):
     h, w = masks.shape[-2:]
     new_h, new_w = pfenet_pad_size(h, w, size)
     image, masks = resize_pair(image, masks, new_h, new_w, antialias=False)
-    sides = [0, 0, size - new_w, size - new_h]
-    return TF.pad(image, sides, fill=0.0), TF.pad(masks, sides, fill=IGNORE_INDEX)
+    return (_pad(image, 0, 0, size - new_w, size - new_h, 0.0),
+            _pad(masks, 0, 0, size - new_w, size - new_h, IGNORE_INDEX))
 
 
 # ---------------------------------------------------------------- episode transforms
@@ -566,7 +584,7 @@ def to_original_resolution(logits: torch.Tensor, original_size,
     """
     h, w = _size_pair(original_size)
     target = (max(h, w),) * 2 if resize_mode == "pfenet_pad" else (h, w)
-    # torchvision's resize has no align_corners=True, which PFENet's ori_resize scoring uses
+    # align_corners=True, as PFENet's ori_resize scoring resizes
     return nnf.interpolate(logits, size=target, mode="bilinear", align_corners=True)
 
 
@@ -575,8 +593,7 @@ def pad_label_square(label: torch.Tensor, side: int, ignore_index: int = IGNORE_
     h, w = label.shape[-2:]
     if h > side or w > side:
         raise ValueError(f"label {h}x{w} does not fit a {side}x{side} square")
-    # torchvision pads [..., C, H, W]: a bare [h, w] label goes through as one channel
-    padded = TF.pad(label.reshape(-1, h, w), [0, 0, side - w, side - h], fill=ignore_index)
+    padded = _pad(label.reshape(-1, h, w), 0, 0, side - w, side - h, ignore_index)
     return padded.reshape(*label.shape[:-2], side, side)
 
 

@@ -385,3 +385,41 @@ def test_canet_support_crop_vs_query_resize():
     assert torch.equal(q1, q2)  # query: plain resize
     s = [t(image, label, rng(seed), "support")[0] for seed in range(4)]
     assert any(not torch.equal(s[0], x) for x in s[1:])  # support: random scale/crop/flip
+
+
+@pytest.mark.parametrize("size", [(375, 500, 472, 352), (48, 48, 49, 49), (60, 70, 33, 33)])
+def test_test_time_resize_pad_and_normalise_equal_torchvisions(size):
+    """The test modes compute resize, pad and normalisation with torch.nn.functional, the calls
+    torchvision makes (so that no `fss` process pays torchvision's import): the same values."""
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    from fss.data import transforms as T
+
+    h, w, height, width = size
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, h, w, generator=g) * 255
+    for antialias in (False, True):
+        ours, _ = T.resize_pair(image, torch.zeros(1, h, w, dtype=torch.uint8), height, width, antialias=antialias)
+        assert torch.equal(ours, TF.resize(image, [height, width], interpolation=InterpolationMode.BILINEAR,
+                                           antialias=antialias))
+    for dtype in (torch.uint8, torch.int64):
+        masks = torch.randint(0, 256, (2, h, w), generator=g).to(dtype)
+        _, ours = T.resize_pair(image, masks, height, width)
+        reference = TF.resize(masks, [height, width], interpolation=InterpolationMode.NEAREST)
+        assert ours.dtype == dtype and torch.equal(ours, reference)
+    assert torch.equal(T.normalize(image), TF.normalize(image, list(T.MEAN_PIXEL_255), [s * 255.0 for s in T.IMAGENET_STD]))
+    label = torch.randint(0, 21, (h, w), generator=g)
+    side = max(h, w) + 3
+    assert torch.equal(T.pad_label_square(label, side),
+                       TF.pad(label.reshape(1, h, w), [0, 0, side - w, side - h], fill=255).reshape(side, side))
+
+
+def test_fss_does_not_import_torchvision():
+    """Every graph stage and fold is an `fss` process; torchvision's import (torchvision.ops pulls
+    in torch._dynamo) cost each of them 1.3 s on the 2-core machine."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.cli; sys.exit('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "importing pipeline.cli imports torchvision"
