@@ -24,6 +24,7 @@ which re-exports the names the rest of the pipeline imports from ``pipeline.conf
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,6 +38,7 @@ from fss.models.backbones import list_backbones
 from fss.models.registry import get_method, list_methods, resolve_knobs
 from pipeline.config_params import check_params, resolve_params_section  # noqa: F401  (re-exported)
 from pipeline.config_schema import (  # noqa: F401  (re-exported: the public API of the run config)
+    AUTO,
     DEVICES,
     OPERATIONAL_KEYS,
     SECTIONS,
@@ -263,7 +265,7 @@ def resolve_run_config(
         if key in expanded:
             raise ConfigError(f"--set {key}=... is not allowed; use the --{key} option.")
     merged = deep_merge(merged, _nest(expanded))
-    return build_run_config(
+    config = build_run_config(
         merged, method=method, dataset=dataset, fold=fold, shot=shot,
         provenance={
             "params_file": str(path) if path else None,
@@ -271,6 +273,31 @@ def resolve_run_config(
             "cli": {k: v for k, v in dict(backbone=backbone, iterations=iterations, epochs=epochs, device=device).items() if v is not None},
         },
     )
+    if config.data.num_workers == AUTO:  # the run's config.yaml records the number used
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, num_workers=auto_workers()))
+    return config
+
+
+#: a fold's share of this machine's cores, set by pipeline.parallel in each slot's environment
+CPU_SHARE_ENV = "FSS_CPU_SHARE"
+#: the most workers data.num_workers: auto starts: the most any method needs to feed an A100 at
+#: its datasheet peak, from the measured images per second per worker (docs/benchmarks.md)
+AUTO_WORKERS_MAX = 8
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers() -> int:
+    """``data.num_workers: auto``: this fold's share of the cores (all of them when it runs
+    alone) less one for the training process, at most :data:`AUTO_WORKERS_MAX`."""
+    share = os.environ.get(CPU_SHARE_ENV)
+    cores = int(share) if share and share.isdigit() else usable_cores()
+    return max(0, min(AUTO_WORKERS_MAX, cores - 1))
 
 
 def build_run_config(values: Mapping[str, Any], *, method: str, dataset: str, fold: int, shot: int,

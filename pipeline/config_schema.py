@@ -25,9 +25,14 @@ DEVICES = ("auto", "cpu", "cuda")
 SELECTIONS = ("last", "best")
 
 
-def _opt(default, help: str = "", *, choices=None, low=None, high=None):
-    """A config field with its allowed values (checked by :func:`_coerce_field`)."""
-    meta = {"help": help, "choices": choices, "low": low, "high": high}
+#: a value some keys take instead of a number, resolved when the run's configuration is (data.num_workers)
+AUTO = "auto"
+
+
+def _opt(default, help: str = "", *, choices=None, low=None, high=None, auto: bool = False):
+    """A config field with its allowed values (checked by :func:`_coerce_field`); ``auto``: the
+    string "auto" is allowed too (resolved by :func:`pipeline.config.resolve_run_config`)."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "auto": auto}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -43,7 +48,8 @@ class DataConfig:
     train_size: int | None = _opt(None, "training crop/resize side; null = the preset's (pfenet 473, COCO 641)", low=9)
     sampling: str = _opt("pfenet", "training episode sampling: pfenet (walk the list) or panet (class uniform, N-way)", choices=("pfenet", "panet"))
     episodes_per_epoch: int | None = _opt(None, "panet sampling only: episodes per epoch (null = list length)", low=1)
-    num_workers: int = _opt(0, "DataLoader worker processes (0 = load in the main process)", low=0, high=64)
+    num_workers: int = _opt(0, "DataLoader worker processes (0 = load in the main process; auto = this fold's cores "
+                            "less one, at most 8)", low=0, high=64, auto=True)
     cache_images: bool = _opt(False, "keep decoded images and masks in memory (small datasets: the synthetic benchmark)")
 
 
@@ -256,6 +262,8 @@ def section_keys() -> dict[str, list[str]]:
 
 
 def _coerce_field(section: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    if f.metadata.get("auto") and value == AUTO:
+        return AUTO
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     optional = origin in (typing.Union, types.UnionType) and type(None) in args
     if optional:

@@ -37,7 +37,7 @@ import torch
 import typer
 
 from fss.errors import ConfigError, FSSError
-from pipeline.config import load_params
+from pipeline.config import CPU_SHARE_ENV, load_params, usable_cores
 from pipeline.config_params import CLUSTER_DEFAULTS, resolve_params_section
 from pipeline.console import LOG_PREFIX_ENV, set_line_prefix
 
@@ -68,13 +68,6 @@ def fss_argv(*args: str) -> list[str]:
 
 def _pythonpath() -> str:
     return os.pathsep.join(p for p in (CODE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def visible_gpus() -> list[str]:
@@ -109,15 +102,16 @@ def slot_envs(slots: str | int, jobs: int, device: str | None, threads_per_job: 
 
     ``threads_per_job`` is the torch threads a command pins (``train.num_threads``; 0: torch's
     default, which then follows the slot's share)."""
-    asked = parse_slots(slots)
+    asked, cores = parse_slots(slots), usable_cores()
     if uses_gpu(device):
         gpus = visible_gpus() or ["0"]
         n = min(jobs, asked or len(gpus))
-        return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(n)]
-    cores = usable_cores()
+        share = str(max(1, cores // n))  # the fold's loading workers (data.num_workers: auto) follow it
+        return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)], CPU_SHARE_ENV: share} for i in range(n)]
     n = max(1, min(jobs, asked or cores // max(1, threads_per_job)))
     share = str(threads_per_job or max(1, cores // n))
-    return [{"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share, "CUDA_VISIBLE_DEVICES": ""} for _ in range(n)]
+    return [{"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share, "CUDA_VISIBLE_DEVICES": "", CPU_SHARE_ENV: share}
+            for _ in range(n)]
 
 
 def runner_settings(params: Path | None, slots: str | None, engine: str | None) -> tuple[str, str, dict]:

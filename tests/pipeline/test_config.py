@@ -222,3 +222,26 @@ def test_learning_rate_schedules():
     warm = resolve_run_config(method="canet", dataset="synthetic", fold=0, shot=1,
                               set_values=["lr=1.0", "schedule.name=constant", "warmup_iterations=4"])
     assert [learning_rate(warm, i, 10) for i in (0, 3, 4)] == pytest.approx([0.25, 1.0, 1.0])
+
+
+def test_num_workers_auto_follows_the_folds_share_of_the_cores(monkeypatch):
+    """data.num_workers: auto (the pascal and coco presets) is this fold's share of the cores less
+    one for the training process, at most 8; the run's config records the number used."""
+    import pipeline.config as C
+
+    def workers(dataset="pascal", sets=()):
+        return C.resolve_run_config(method="pfenet", dataset=dataset, fold=0, shot=1, backbone="resnet50v2",
+                                    iterations=None, epochs=None, device="cpu", params_path=None,
+                                    set_values=list(sets)).data.num_workers
+
+    monkeypatch.setattr(C, "usable_cores", lambda: 32)
+    monkeypatch.delenv(C.CPU_SHARE_ENV, raising=False)
+    assert workers() == workers("coco") == C.AUTO_WORKERS_MAX  # one fold alone on 32 cores
+    monkeypatch.setenv(C.CPU_SHARE_ENV, "4")  # e.g. 4 folds at once on 16 cores
+    assert workers() == 3
+    monkeypatch.setenv(C.CPU_SHARE_ENV, "1")
+    assert workers() == 0
+    assert workers(sets=["data.num_workers=5"]) == 5
+    assert workers("synthetic") == 1  # the embedded preset keeps its number
+    with pytest.raises(ConfigError, match="num_workers"):
+        workers(sets=["data.num_workers=many"])

@@ -75,16 +75,17 @@ def test_a_failed_fold_lets_the_others_finish_and_is_named_in_one_line(synthetic
 
 
 def test_slots_follow_the_gpus_or_the_cpu_cores(monkeypatch):
-    monkeypatch.setattr(P, "usable_cores", lambda: 8)
+    monkeypatch.setattr(P, "usable_cores", lambda: 8)  # pipeline.parallel imported it from pipeline.config
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     cpu = P.slot_envs("auto", 4, "cpu", threads_per_job=2)
     assert len(cpu) == 4 and {e["OMP_NUM_THREADS"] for e in cpu} == {"2"}
+    assert {e["FSS_CPU_SHARE"] for e in cpu} == {"2"}  # its loading workers (data.num_workers: auto) follow it
     assert [e["OMP_NUM_THREADS"] for e in P.slot_envs("auto", 4, "cpu", threads_per_job=0)] == ["2"] * 4
     assert len(P.slot_envs("auto", 4, "cpu", threads_per_job=4)) == 2
     assert len(P.slot_envs("3", 2, "cpu")) == 2  # never more slots than commands
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     gpu = P.slot_envs("auto", 4, "cuda")
-    assert [e["CUDA_VISIBLE_DEVICES"] for e in gpu] == ["3", "5"]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in gpu] == ["3", "5"] and {e["FSS_CPU_SHARE"] for e in gpu} == {"4"}
     assert [e["CUDA_VISIBLE_DEVICES"] for e in P.slot_envs("4", 4, "cuda")] == ["3", "5", "3", "5"]
     for bad in ("0", "-2", "many"):
         with pytest.raises(ConfigError, match="must be auto or a positive integer"):

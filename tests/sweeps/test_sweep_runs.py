@@ -193,6 +193,25 @@ def test_two_workers_on_one_journal_run_every_point_once(tmp_path, sweep_data, s
     assert "worker 2: started" in done.stderr and "[worker 2] " in done.stderr
 
 
+@pytest.mark.slow
+def test_workers_run_as_jobs_of_submitits_local_executor(tmp_path, sweep_data, subprocess_env):
+    """--engine submitit: each worker a submitit job (the local executor here, SLURM on a cluster)
+    on the shared journal; every grid point runs once."""
+    from pipeline.config import REPO_PARAMS
+
+    params = yaml.safe_load(REPO_PARAMS.read_text())
+    params["cluster"].update(backend="local", folder=str(tmp_path / "submitit"), time_minutes=10)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))  # ./params.yaml: the cluster section it reads
+    path = write_study(tmp_path / "jobs.yaml", sweep_data, params={"knobs.lam": {"values": [0.0, 0.5, 1.0]}})
+    done = subprocess.run([FSS, "sweep", "run", str(path), "--workers", "2", "--engine", "submitit"], cwd=tmp_path,
+                          env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("submitted as local job") == 2, done.stderr[-3000:]
+    study = load(path, "jobs", tmp_path / "out" / "jobs" / "journal.log")
+    assert points(study) == Counter({json.dumps({"knobs.lam": v}): 1 for v in (0.0, 0.5, 1.0)})
+    assert not study.get_trials(states=(TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING))
+
+
 def test_trial_command_runs_one_point_from_wandb_args(tmp_path, sweep_data, capsys):
     path = write_study(tmp_path / "one.yaml", sweep_data)
     code, out, err = run_cli(["sweep", "trial", path, "--no-wandb", "knobs.lam=1.0"], capsys)  # W&B: ${args_no_hyphens}
