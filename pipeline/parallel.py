@@ -1,15 +1,16 @@
 """Run one `fss` command per fold (or per sweep worker) at once: on this machine's device slots,
 or as cluster jobs through submitit.
 
-**Local** (``engine: local``): a pool of child processes, one per slot, like ``xargs -P``. A
-slot is a GPU (``CUDA_VISIBLE_DEVICES`` set to its index) or, on the CPU, a share of the cores
+**Local** (``engine: local``): one child process per slot. A slot is a GPU
+(``CUDA_VISIBLE_DEVICES`` set to its index) or, on the CPU, a share of the cores
 (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to cores / slots, which torch's default thread count
-follows; a config's ``train.num_threads`` still wins). ``slots: auto`` is the number of visible
-GPUs, or on the CPU the usable cores over the threads each command asks for, never more than the
-commands. Each child is the single-fold command, with its own run folder, resume and log lines
-prefixed ``[fold k]``; its arithmetic does not depend on the slot, so the weights equal a serial
-run's (tested). When one child fails the others run to their end; the command then fails with
-one line naming the failed folds. SIGINT/SIGTERM are passed to every child, which checkpoints
+follows; a config's ``train.num_threads`` still wins; ``FSS_CPU_SHARE`` for the loading
+workers). ``slots: auto`` is the number of visible GPUs, or on the CPU the usable cores over the
+threads each fold asks for, never more than the folds. Each child runs its share of the folds
+one after another (``--slots 1``; with one slot that happens in this process), each fold with its
+own run folder, resume and log lines prefixed ``[fold k]``; a fold's arithmetic does not depend
+on the slot, so the weights equal a serial run's (tested). When one fold fails the others run to
+their end; the command then fails with one line naming the failed folds. SIGINT/SIGTERM are passed to every child, which checkpoints
 and stops; a SIGKILL of this process reaches the children as SIGTERM (``PR_SET_PDEATHSIG``), so
 they checkpoint too, and nothing is left running.
 
