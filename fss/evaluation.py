@@ -104,6 +104,7 @@ def evaluate_model(
     channels_last: bool = False,
     feature_cache=None,
     support_control: str = "none",
+    image_cache=None,
 ) -> dict:
     """Run every run of ``protocol`` on ``data`` (the fold's val list); IoUMeter results.
 
@@ -113,6 +114,8 @@ def evaluate_model(
 
     ``feature_cache``: a :class:`fss.models.feature_cache.FeatureCache` that serves the frozen
     backbone's outputs of images seen before (identical metrics; None = compute every time).
+    ``image_cache``: a :class:`fss.data.episodes.TestImageCache` that reads and resizes each
+    test image once for every episode, shot and control (identical samples; None: every time).
 
     Returns the :func:`fss.metrics.summarize_runs` summary plus ``episodes`` (per run),
     ``class_episodes`` (run 0) and ``samples`` (the first ``sample_episodes`` episodes of
@@ -141,7 +144,7 @@ def evaluate_model(
     results, samples, shifts = [], [], []
     for run in range(protocol.runs):
         shifts.append(ShiftedSupports() if support_control == "shifted" else None)
-        episodes = protocol.episode_dataset(data, shot, run=run, ways=ways)
+        episodes = protocol.episode_dataset(data, shot, run=run, ways=ways, image_cache=image_cache)
         loader = EpisodeLoader(episodes, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                pin=device.type == "cuda", generator=torch.Generator().manual_seed(0))
         meter = IoUMeter(data.novel_classes, ignore_index=protocol.ignore_index)

@@ -135,6 +135,7 @@ class TestConfig:
     num_workers: int | None = _opt(None, "DataLoader workers of evaluation and validation; null = data.num_workers", low=0, high=64)
     feature_cache: bool = _opt(True, "reuse the frozen backbone's features of an image across episodes and shots of one 'fss evaluate' (identical metrics); default true")
     feature_cache_mb: int = _opt(2048, "memory bound of the evaluation feature cache in MiB (least recently used evicted)", low=1)
+    image_cache_mb: int = _opt(2048, "memory bound in MiB of the test images kept decoded, resized and normalised for every episode, shot and control of one 'fss evaluate' (identical samples; loading in the main process only); 0 = off", low=0)
     feature_cache_dir: str | None = _opt(None, "also keep evaluation features on disk here, shared between processes (unbounded); null = memory only")
     figure_episodes: int = _opt(4, "episodes drawn in the sample figure (0 = no figure)", low=0, high=32)
 

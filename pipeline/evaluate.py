@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import typer
 
 from fss.data.access import open_prepared
+from fss.data.episodes import TestImageCache
 from fss.errors import CheckpointError, ConfigError
 from fss.evaluation import EVAL_KIND, SUPPORT_CONTROLS, evaluate_model, make_protocol
 from pipeline import parallel as P
@@ -94,6 +95,7 @@ def evaluate_one(
     say: Callable[[str], None] | None = None,
     channels_last: bool = False,
     feature_cache=None,
+    image_cache=None,
     allow_dataset_mismatch: bool = False,
     support_control: str = "none",
 ) -> dict:
@@ -125,13 +127,14 @@ def evaluate_one(
     )
     tracker.use_model(model_path, model_artifact_name(meta["method"], dataset, meta["backbone"], meta.get("shot"), fold))
     cache_before = feature_cache.stats.as_dict() if feature_cache is not None else None
+    images_before = image_cache.stats() if image_cache is not None else None
     start = time.monotonic()
     n_samples = max(figure_episodes if figure is not None else 0, tracking.images if tracker.active else 0)
     result = evaluate_model(
         model, data, protocol, shot=shot, device=device, batch_size=batch_size, num_workers=num_workers,
         precision=precision, ways=ways, sample_episodes=n_samples, track=track,
         description=f"evaluate {meta['method']} fold {fold} {shot}-shot", channels_last=channels_last,
-        feature_cache=feature_cache, support_control=support_control,
+        feature_cache=feature_cache, support_control=support_control, image_cache=image_cache,
     )
     seconds = time.monotonic() - start
     cache_counts = None if feature_cache is None else {
@@ -147,6 +150,9 @@ def evaluate_one(
                  f"mIoU {100 * report['miou']:.1f}, FB-IoU {100 * report['fb_iou']:.1f}")
         episode_figure(samples[:figure_episodes], figure, title=title, class_names=_class_names(data))
         report["figure"] = str(figure)
+    if image_cache is not None:  # each test image read and resized once: misses = distinct images
+        report["image_cache"] = {k: v - images_before[k] if k in ("hits", "misses", "evictions") else v
+                                 for k, v in image_cache.stats().items()}
     write_json(out, report)
     log_evaluation(tracker, report, _class_names(data))
     if samples and tracker.active:
@@ -472,6 +478,7 @@ def evaluate_command(
         data.preload()
     bs = batch_size or test_cfg.batch_size
     fcache = _make_feature_cache(test_cfg, feature_cache, feature_cache_dir, feature_cache_mb)
+    icache = TestImageCache(test_cfg.image_cache_mb) if test_cfg.image_cache_mb > 0 and workers == 0 else None
     reports = []
     for control, k in ((c, k) for c in support_control for k in shot):
         out_k, fig_k = _output_paths(out, figure, run, model, name, k, control)
@@ -481,6 +488,7 @@ def evaluate_command(
             ways=ways, out=out_k, figure=fig_k, figure_episodes=test_cfg.figure_episodes, tracking=tracking,
             run_dir=run, group_shot=group_shot or k, track=track, say=say, channels_last=channels_last,
             feature_cache=fcache, allow_dataset_mismatch=allow_dataset_mismatch, support_control=control,
+            image_cache=icache,
         )
         write_json(metrics_path(out_k), small_metrics(report))
         console.print(

@@ -37,7 +37,7 @@ Masks (pfenet): the binary mask for target c is 1 where label == c, 255 where la
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from fss.data.classes import IGNORE_INDEX
 from fss.data.imageio import read_mask
 from fss.data.prepared import PreparedDataset
-from fss.data.transforms import EpisodeTransform, pad_label_square
+from fss.data.transforms import EpisodeTransform, TestTransform, pad_label_square
 from fss.errors import ConfigError, DataError
 
 TEST_SAMPLINGS = ("list_order", "pairs", "class_uniform", "panet")
@@ -320,6 +320,52 @@ def _weak_support_mask(kind: str, binary: np.ndarray, data: PreparedDataset, rec
     return np.asarray(out, dtype=np.uint8)
 
 
+class TestImageCache:
+    """Test images decoded, resized and normalised once, with their labels, for every episode,
+    shot and support control that uses them (``fss evaluate``; identical samples, tested).
+
+    A test transform is deterministic, and nearest resizing commutes with the per-pixel maps
+    that make an episode's masks from a label (its class, the base classes, another class of
+    an N-way episode, 255 kept): so the label is resized once and each episode's masks come
+    from it. An entry holds the normalised image (``3 x S x S`` float32: 2.7 MB at S = 473, 4.9
+    MB at 641), the resized label and the original label (uint8); least recently used entries
+    go beyond ``max_mb``. A DataLoader worker has its own (empty) copy.
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, max_mb: float):
+        self.max_bytes = int(max_mb * (1 << 20))
+        self.entries: OrderedDict = OrderedDict()
+        self.bytes = self.hits = self.misses = self.evictions = 0
+
+    def get(self, data: PreparedDataset, record: int, transform) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """(normalised image, resized label, original label) of ``record`` under ``transform``."""
+        key = (str(data.root), data.fold, data.split, record, repr(sorted(transform.describe().items())))
+        if key in self.entries:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        self.misses += 1
+        image, label = data.load(record)
+        image_t, resized = transform(image, label[None], None, "test")
+        entry = (image_t, resized[0].numpy().astype(np.uint8), np.asarray(label, dtype=np.uint8))
+        size = image_t.numel() * image_t.element_size() + entry[1].nbytes + entry[2].nbytes
+        if size <= self.max_bytes:
+            self.entries[key] = entry
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self.entries.popitem(last=False)
+                self.bytes -= old[0].numel() * old[0].element_size() + old[1].nbytes + old[2].nbytes
+                self.evictions += 1
+        return entry
+
+    def stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                "entries": len(self.entries), "mb": round(self.bytes / (1 << 20), 1),
+                "max_mb": round(self.max_bytes / (1 << 20), 1)}
+
+
 class EpisodeDataset(Dataset):
     """Episodes of a prepared dataset as model-ready samples.
 
@@ -353,7 +399,7 @@ class EpisodeDataset(Dataset):
     def __init__(self, data: PreparedDataset, episodes, transform: EpisodeTransform, *,
                  seed: int = 0, epoch: int = 0, support_annotation: str = "dense",
                  keep_original: bool | None = None, other_episode_class: int | None = OTHER_EPISODE_CLASS,
-                 weak_unlabelled: int = IGNORE_INDEX):
+                 weak_unlabelled: int = IGNORE_INDEX, image_cache: TestImageCache | None = None):
         if support_annotation not in SUPPORT_ANNOTATIONS:
             raise ConfigError(
                 f"unknown support annotation {support_annotation!r}; choose one of: {', '.join(SUPPORT_ANNOTATIONS)}."
@@ -369,6 +415,9 @@ class EpisodeDataset(Dataset):
         self.other_episode_class = other_episode_class
         self.weak_unlabelled = int(weak_unlabelled)
         self.keep_original = (not self.training) if keep_original is None else bool(keep_original)
+        # only a deterministic test transform of dense annotations can be computed once per image
+        once = not self.training and support_annotation == "dense" and isinstance(transform, TestTransform)
+        self.image_cache = image_cache if once else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -398,25 +447,15 @@ class EpisodeDataset(Dataset):
         ann_rngs = (spawn_rngs(ways * shot, self.seed, STREAM_ANNOTATION, *key)
                     if self.support_annotation != "dense" else None)
 
-        image, label = self.data.load(spec.query)
-        target = binary_mask(label, spec.class_ids[0]) if ways == 1 else episode_label(label, spec.class_ids)
-        base = base_class_mask(label, self.data.base_classes)
-        q_img, q_masks = self.transform(image, np.stack([target, base]), aug_rngs[0], "query")
-
+        q_img, q_masks, target, label_shape = self._query(spec, aug_rngs[0])
         s_imgs, s_masks = [], []
         for w, c in enumerate(spec.class_ids):
             others = [o for o in spec.class_ids if o != c]
             for k, record in enumerate(spec.supports[w]):
-                s_image, s_label = self.data.load(record)
-                mask = binary_mask(s_label, c)
-                if ann_rngs is not None:
-                    mask = _weak_support_mask(self.support_annotation, mask, self.data, record, c,
-                                              ann_rngs[w * shot + k], self.weak_unlabelled)
-                elif others and self.other_episode_class is not None:
-                    mask[np.isin(s_label, others)] = self.other_episode_class
-                img, masks = self.transform(s_image, mask[None], aug_rngs[1 + w * shot + k], "support")
+                img, mask = self._support(record, c, others, aug_rngs[1 + w * shot + k],
+                                          None if ann_rngs is None else ann_rngs[w * shot + k])
                 s_imgs.append(img)
-                s_masks.append(masks[0])
+                s_masks.append(mask)
 
         if len({tuple(t.shape) for t in s_imgs}) > 1:
             raise ConfigError(
@@ -438,8 +477,40 @@ class EpisodeDataset(Dataset):
             sample["support_masks"] = sample["support_masks"].view(*shape, *s_masks[0].shape)
         if self.keep_original:
             sample["query_label_original"] = torch.from_numpy(target).long()
-            sample["original_size"] = torch.tensor(label.shape, dtype=torch.long)
+            sample["original_size"] = torch.tensor(label_shape, dtype=torch.long)
         return sample
+
+    def _query_masks(self, label: np.ndarray, class_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        target = binary_mask(label, class_ids[0]) if len(class_ids) == 1 else episode_label(label, class_ids)
+        return target, base_class_mask(label, self.data.base_classes)
+
+    def _query(self, spec: EpisodeSpec, rng) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, tuple]:
+        """(image, [target, base] masks, target at original resolution, original size) of the query."""
+        if self.image_cache is not None:
+            q_img, resized, label = self.image_cache.get(self.data, spec.query, self.transform)
+            target = self._query_masks(label, spec.class_ids)[0]
+            return q_img, torch.from_numpy(np.stack(self._query_masks(resized, spec.class_ids))).long(), target, label.shape
+        image, label = self.data.load(spec.query)
+        target, base = self._query_masks(label, spec.class_ids)
+        q_img, q_masks = self.transform(image, np.stack([target, base]), rng, "query")
+        return q_img, q_masks, target, label.shape
+
+    def _support(self, record: int, class_id: int, others: list[int], rng, ann_rng) -> tuple[torch.Tensor, torch.Tensor]:
+        """One support's image and mask (1 on ``class_id``; N-way: ``others`` marked)."""
+        if self.image_cache is not None:
+            img, label, _ = self.image_cache.get(self.data, record, self.transform)
+        else:
+            s_image, label = self.data.load(record)
+        mask = binary_mask(label, class_id)
+        if ann_rng is not None:
+            mask = _weak_support_mask(self.support_annotation, mask, self.data, record, class_id, ann_rng,
+                                      self.weak_unlabelled)
+        elif others and self.other_episode_class is not None:
+            mask[np.isin(label, others)] = self.other_episode_class
+        if self.image_cache is not None:
+            return img, torch.from_numpy(mask).long()
+        img, masks = self.transform(s_image, mask[None], rng, "support")
+        return img, masks[0]
 
 
 def collate_episodes(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -91,11 +91,12 @@ class TestProtocol:
                                    seed=self.seeds[run], shot=shot, ways=ways)
 
     def episode_dataset(self, data: PreparedDataset, shot: int, run: int = 0, ways: int = 1,
-                        support_annotation: str = "dense") -> EpisodeDataset:
-        """The run's episodes with this protocol's test transform (original labels kept)."""
+                        support_annotation: str = "dense", image_cache=None) -> EpisodeDataset:
+        """The run's episodes with this protocol's test transform (original labels kept);
+        ``image_cache``: a :class:`fss.data.episodes.TestImageCache` shared by the calls."""
         specs = self.episode_specs(data, shot, run, ways)
         return EpisodeDataset(data, specs, self.transform(), seed=self.seeds[run],
-                              support_annotation=support_annotation, keep_original=True)
+                              support_annotation=support_annotation, keep_original=True, image_cache=image_cache)
 
     def describe(self) -> dict:
         """Plain dict for metric files and run logs."""
