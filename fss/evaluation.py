@@ -127,7 +127,7 @@ def evaluate_model(
     import torch
 
     from fss.data.episodes import EpisodeLoader
-    from fss.data.transforms import original_resolution_pairs
+    from fss.data.scoring import original_resolution_pairs
     from fss.metrics import IoUMeter, summarize_runs
 
     if support_control not in SUPPORT_CONTROLS:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import resource
 import statistics
 import time
@@ -44,6 +43,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from fss.errors import ConfigError
+from pipeline.machine import machine_description
 
 BENCH_KIND = "fss-bench"
 BENCH_VERSION = 1
@@ -53,44 +53,6 @@ BENCH_LR = 1e-6
 
 
 # ---------------------------------------------------------------- the machine
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_description(device) -> dict:
-    """CPU model and count, torch version and threads, accelerator name."""
-    import torch
-
-    from pipeline.config import cpu_has_bf16
-
-    out = {
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "device_name": _cpu_model(),
-        # other processes competing for the CPU make every CPU timing slower
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        # AVX512-BF16 or AMX: without them CPU bf16 is emulated (see the bf16 matmul rate)
-        "cpu_bf16_instructions": cpu_has_bf16(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        out["device_name"] = torch.cuda.get_device_name(device)
-        out["device_memory_bytes"] = int(props.total_memory)
-        out["cuda_version"] = torch.version.cuda
-    return out
 
 
 def _sync(device) -> None:
@@ -554,9 +516,11 @@ def bench_command(
     from pipeline.runs import write_json
 
     if data:
-        _data_bench(preset, batch=batch, shot=shot, warmup=warmup, calls=200 if repeats is None else repeats,
-                    step_rate=step_rate, threads=1 if threads is None else threads, out=out, as_json=as_json,
-                    markdown=markdown)
+        from pipeline.bench_data import report_data_benchmark  # heavy: the references' torchvision calls
+
+        report_data_benchmark(preset, batch=batch, shot=shot, warmup=warmup,
+                              calls=200 if repeats is None else repeats, step_rate=step_rate,
+                              threads=1 if threads is None else threads, out=out, as_json=as_json, markdown=markdown)
         return
     if preset or step_rate is not None:
         raise ConfigError("--preset and --step-rate time the augmentation: add --data.")
@@ -583,28 +547,4 @@ def bench_command(
         if not stdout.is_terminal:
             stdout = Console(width=200)  # a file or pipe: keep every column readable
         stdout.print(results_table(report))
-        console.print(f"report -> {out}", highlight=False, markup=False)
-
-
-def _data_bench(presets, *, out: Path, as_json: bool, markdown: bool, **settings) -> None:
-    """``fss bench --data``: run :func:`pipeline.bench_data.run_data_benchmark` and report."""
-    import json
-
-    from rich.console import Console
-
-    from pipeline import bench_data
-    from pipeline.console import console
-    from pipeline.runs import write_json
-
-    report = bench_data.run_data_benchmark(
-        presets or None, say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True), **settings)
-    write_json(out, report)
-    if as_json:
-        typer.echo(json.dumps(report, indent=2, sort_keys=True))
-    elif markdown:
-        typer.echo(bench_data.data_markdown(report), nl=False)
-    else:
-        stdout = Console() if Console().is_terminal else Console(width=200)
-        for table in bench_data.data_results_table(report):
-            stdout.print(table)
         console.print(f"report -> {out}", highlight=False, markup=False)

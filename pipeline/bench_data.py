@@ -32,20 +32,27 @@ per second of ``batch`` episodes (``batch * (shot + 1)`` images per step).
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.functional as TF1
+import typer
 from PIL import Image
+from rich.console import Console
 
 from fss.data import transforms as T
 from fss.data.synthetic import render_image
 from fss.errors import ConfigError
+from pipeline.console import console
+from pipeline.machine import machine_description
+from pipeline.runs import write_json
 
 DATA_BENCH_KIND = "fss-bench-data"
 DATA_BENCH_VERSION = 1
@@ -279,8 +286,6 @@ def run_data_benchmark(presets: list[str] | None = None, *, batch: int = 2, shot
                        calls: int = 200, step_rate: float | None = None, threads: int = 1, seed: int = 0,
                        say=None) -> dict:
     """Every :data:`DATA_ROWS` row of ``presets`` (default all); returns the JSON report."""
-    from pipeline.bench import machine_description
-
     say = say or (lambda m: None)
     for name, value, low in (("--batch", batch, 1), ("--shot", shot, 1), ("--warmup", warmup, 0),
                              ("--repeats", calls, 1), ("--threads", threads, 1)):
@@ -377,3 +382,19 @@ def data_markdown(report: dict) -> str:
         lines += [f"| {name} | {v['ours']['median_ms']:.3f} / {v['ours']['mean_ms']:.3f} "
                   f"| {v['reference']['median_ms']:.3f} / {v['reference']['mean_ms']:.3f} |" for name, v in ops.items()]
     return "\n".join(lines) + "\n"
+
+
+def report_data_benchmark(presets, *, out: Path, as_json: bool, markdown: bool, **settings) -> None:
+    """``fss bench --data``: run :func:`run_data_benchmark`, write ``out`` and print the report."""
+    report = run_data_benchmark(
+        presets or None, say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True), **settings)
+    write_json(out, report)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True))
+    elif markdown:
+        typer.echo(data_markdown(report), nl=False)
+    else:
+        stdout = Console() if Console().is_terminal else Console(width=200)
+        for table in data_results_table(report):
+            stdout.print(table)
+        console.print(f"report -> {out}", highlight=False, markup=False)

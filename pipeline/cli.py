@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from pipeline import aggregate, bench, data_cmd, evaluate, graph, models_cmd, prepare, pretrain, train
+from pipeline import aggregate, bench, data_cmd, evaluate, graph, models_cmd, prepare, pretrain, train_cmd
 
 app = typer.Typer(
     help="Few-shot segmentation pipeline: prepare data, train, evaluate, aggregate, sweep, bench.",
@@ -19,7 +19,7 @@ app.add_typer(data_cmd.app, name="data")
 app.command("methods")(models_cmd.methods)
 app.add_typer(models_cmd.checkpoint_app, name="checkpoint")
 app.command("pretrain")(pretrain.pretrain_command)
-app.command("train")(train.train_command)
+app.command("train")(train_cmd.train_command)
 app.command("evaluate")(evaluate.evaluate_command)
 app.command("aggregate")(aggregate.aggregate_command)
 app.command("bench")(bench.bench_command)

@@ -32,7 +32,7 @@ METHODS_PACKAGE = "fss.models.methods"
 STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "prepare": ("pipeline.prepare",),
     "pretrain": ("pipeline.pretrain",),
-    "train": ("pipeline.train", "pipeline.parallel"),
+    "train": ("pipeline.train_cmd", "pipeline.parallel"),
     "evaluate": ("pipeline.evaluate", "pipeline.parallel"),
     "aggregate": ("pipeline.aggregate",),
     "sweep": ("pipeline.sweep.run", "pipeline.parallel"),

@@ -28,6 +28,8 @@ declared as DVC ``metrics`` by dvc.yaml while the full report is a cached output
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,7 +41,9 @@ from fss.data.episodes import TestImageCache
 from fss.errors import CheckpointError, ConfigError
 from fss.evaluation import EVAL_KIND, SUPPORT_CONTROLS, evaluate_model, make_protocol
 from pipeline import parallel as P
-from pipeline.runs import RunDir
+from pipeline.config import bf16_cpu_warning, resolve_device
+from pipeline.console import console, track
+from pipeline.runs import RunDir, write_json
 
 EVAL_VERSION = 1
 
@@ -348,6 +352,24 @@ def _check_arguments(run, model, shot, checkpoint: str, out, model_only: tuple, 
         raise ConfigError(f"--shot {list(shot)} and --support-control {list(support_control)} must not repeat a value.")
 
 
+def _make_image_cache(test_cfg, workers: int) -> TestImageCache | None:
+    """The test-image cache of one ``fss evaluate`` (loading in the main process), or None."""
+    return TestImageCache(test_cfg.image_cache_mb) if test_cfg.image_cache_mb > 0 and workers == 0 else None
+
+
+def _announce(report: dict, control: str, protocol: str, out: Path) -> dict:
+    """Print one evaluation's line; returns its entry of the command's JSON output."""
+    console.print(
+        f"[green]{report['method']}[/green] fold {report['fold']} {report['shot']}-shot"
+        f"{'' if control == 'none' else f', {control} support'} ({protocol}, {report['episodes']} episodes"
+        f"{', %d runs' % report['num_runs'] if report['num_runs'] > 1 else ''}): "
+        f"mIoU {100 * report['miou']:.2f}  FB-IoU {100 * report['fb_iou']:.2f} -> {out}",
+        highlight=False, soft_wrap=True,
+    )
+    return ({k: v for k, v in small_metrics(report).items() if k != "fb_iou_std"}
+            | {"dataset": report["dataset"], "protocol": protocol, "checkpoint": report["checkpoint"]})
+
+
 #: the options a run's evaluation passes on to each run's own command (flag: option name)
 FOLD_OPTIONS = {"shot": "--shot", "protocol": "--protocol", "episodes": "--episodes", "seed": "--seed", "runs": "--runs",
                 "size": "--size", "out": "--out", "figure": "--figure", "checkpoint": "--checkpoint", "ways": "--ways",
@@ -377,7 +399,8 @@ def evaluate_folds(runs: list[Path], options: dict, *, slots: str | None, engine
     """Evaluate ``runs``: at once on this machine's slots, as submitit jobs, or one after another (pipeline.parallel)."""
     if options["out"] is not None and "{fold}" not in str(options["out"]) or len(set(runs)) < len(runs):
         raise ConfigError("several --run need distinct run directories and {fold} in --out, e.g. --out evals/M/fold{fold}-{shot}shot.json.")
-    folds = {r: RunDir(r).load_config().fold for r in runs}
+    configs = {r: RunDir(r).load_config() for r in runs}
+    folds = {r: c.fold for r, c in configs.items()}
 
     def one(run: Path) -> None:
         filled = {k: (str(v).replace("{fold}", str(folds[run])) if k in ("out", "figure") and v is not None else v)
@@ -386,7 +409,7 @@ def evaluate_folds(runs: list[Path], options: dict, *, slots: str | None, engine
                          allow_dataset_mismatch=False, slots="1", engine="local",
                          **{k: (Path(v) if k in ("out", "figure") and v is not None else v) for k, v in filled.items()})
 
-    device = options["device"] or RunDir(runs[0]).load_config().train.device
+    device = options["device"] or configs[runs[0]].train.device
     P.run_folds(runs, name=lambda r: f"fold {folds[r]}", command=lambda share: fold_evaluate_args(share, options),
                 run_one=one, what="evaluate", device=device, threads=0, params=options["params"], slots=slots,
                 engine=engine, say=say)
@@ -440,13 +463,6 @@ def evaluate_command(
                                          "benchmark.engine, local)."),
 ) -> None:
     """Evaluate a trained run (or several at once) or an imported model under a test protocol; writes JSON + PNG."""
-    import dataclasses
-    import json
-
-    from pipeline.config import bf16_cpu_warning, resolve_device
-    from pipeline.console import console, track
-    from pipeline.runs import write_json
-
     say = lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     if run and (len(run) > 1 or "{fold}" in str(out)):
         options = {k: v for k, v in locals().items() if k in FOLD_OPTIONS}
@@ -478,7 +494,7 @@ def evaluate_command(
         data.preload()
     bs = batch_size or test_cfg.batch_size
     fcache = _make_feature_cache(test_cfg, feature_cache, feature_cache_dir, feature_cache_mb)
-    icache = TestImageCache(test_cfg.image_cache_mb) if test_cfg.image_cache_mb > 0 and workers == 0 else None
+    icache = _make_image_cache(test_cfg, workers)
     reports = []
     for control, k in ((c, k) for c in support_control for k in shot):
         out_k, fig_k = _output_paths(out, figure, run, model, name, k, control)
@@ -491,13 +507,5 @@ def evaluate_command(
             image_cache=icache,
         )
         write_json(metrics_path(out_k), small_metrics(report))
-        console.print(
-            f"[green]{report['method']}[/green] fold {fold_} {k}-shot"
-            f"{'' if control == 'none' else f', {control} support'} ({name}, {report['episodes']} episodes"
-            f"{', %d runs' % report['num_runs'] if report['num_runs'] > 1 else ''}): "
-            f"mIoU {100 * report['miou']:.2f}  FB-IoU {100 * report['fb_iou']:.2f} -> {out_k}",
-            highlight=False, soft_wrap=True,
-        )
-        reports.append({k2: v for k2, v in small_metrics(report).items() if k2 != "fb_iou_std"}
-                       | {"dataset": report["dataset"], "protocol": name, "checkpoint": report["checkpoint"]})
+        reports.append(_announce(report, control, name, out_k))
     typer.echo(json.dumps(reports if len(reports) > 1 else reports[0], sort_keys=True))

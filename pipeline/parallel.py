@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
@@ -49,11 +49,10 @@ ENGINES = ("local", "submitit")
 
 @dataclass(frozen=True)
 class Job:
-    """One single-fold (or single-worker) command and the name its messages carry."""
+    """One `fss` command (a share of the folds, or a sweep worker) and the name its messages carry."""
 
     name: str
     argv: list[str]
-    env: Mapping[str, str] = field(default_factory=dict)
 
 
 #: the directory holding this process's `pipeline` package: children import the same code
@@ -150,7 +149,7 @@ def run_folds(items: Sequence[T], *, name: Callable[[T], str], command: Callable
 
 def run_here(items: Sequence[T], *, name: Callable[[T], str], run_one: Callable[[T], None], say: Say) -> None:
     """``run_one`` for each item in turn; a failed one lets the others run, then one line names it."""
-    failed: list[tuple[Job, int]] = []
+    failed: list[tuple[str, int]] = []
     for item in items:
         set_line_prefix(f"[{name(item)}] ")
         try:
@@ -159,13 +158,13 @@ def run_here(items: Sequence[T], *, name: Callable[[T], str], run_one: Callable[
             if exc.exit_code == 130:  # interrupted: checkpointed, the rest is left for the rerun
                 raise KeyboardInterrupt from None
             if exc.exit_code:
-                failed.append((Job(name(item), []), exc.exit_code))
+                failed.append((name(item), exc.exit_code))
         except FSSError as exc:
             say(f"error: {exc}")
-            failed.append((Job(name(item), []), 2))
+            failed.append((name(item), 2))
         except Exception:  # noqa: BLE001  (the other folds still run; the traceback is printed)
             traceback.print_exc()
-            failed.append((Job(name(item), []), 1))
+            failed.append((name(item), 1))
     set_line_prefix(None)
     _raise_failed(failed, len(items))
 
@@ -180,12 +179,13 @@ def run_jobs(jobs: Sequence[Job], *, engine: str, slots: Sequence[Mapping[str, s
     if interrupted:
         raise KeyboardInterrupt
     order = {id(j): i for i, j in enumerate(jobs)}
-    _raise_failed(sorted(failed, key=lambda f: order[id(f[0])]), len(jobs))
+    _raise_failed([(j.name, code) for j, code in sorted(failed, key=lambda f: order[id(f[0])])], len(jobs))
 
 
-def _raise_failed(failed: Sequence[tuple[Job, int]], total: int) -> None:
+def _raise_failed(failed: Sequence[tuple[str, int]], total: int) -> None:
+    """One line naming each failed fold (or worker) and its exit code, in order."""
     if failed:
-        names = ", ".join(f"{j.name} (exit code {code})" for j, code in failed)
+        names = ", ".join(f"{name} (exit code {code})" for name, code in failed)
         others = "the others ran to their end; " if len(failed) < total else ""
         raise FSSError(f"{names} failed (output above); {others}rerun the same command to resume "
                        f"{'it' if len(failed) == 1 else 'them'}.")
@@ -248,7 +248,7 @@ def run_local(jobs: Sequence[Job], slots: Sequence[Mapping[str, str]], say: Say)
 def _start(job: Job, slot_env: Mapping[str, str], say: Say) -> subprocess.Popen:
     """The job's process, writing to this one's stdout/stderr (no pipe that would break if this
     process died) with each line prefixed ``[job]`` by `fss` itself (FSS_LOG_PREFIX)."""
-    env = {**os.environ, **slot_env, **job.env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath(),
+    env = {**os.environ, **slot_env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath(),
            LOG_PREFIX_ENV: f"[{job.name}] "}
     proc = subprocess.Popen(job.argv, env=env, preexec_fn=_die_with_parent)
     where = f"GPU {slot_env['CUDA_VISIBLE_DEVICES']}" if slot_env.get("CUDA_VISIBLE_DEVICES") else \
@@ -281,8 +281,7 @@ def run_submitit(jobs: Sequence[Job], cluster: Mapping[str, Any], say: Say) -> t
     executor = make_executor(cluster)
     cwd = os.getcwd()
     with executor.batch():
-        futures = [executor.submit(submitit.helpers.CommandFunction(
-            job.argv, cwd=cwd, env={**os.environ, **job.env} if job.env else None)) for job in jobs]
+        futures = [executor.submit(submitit.helpers.CommandFunction(job.argv, cwd=cwd)) for job in jobs]
     for job, future in zip(jobs, futures):
         say(f"{job.name}: submitted as {executor.cluster} job {future.job_id} (logs {future.paths.stdout.parent})")
     failed = []

@@ -49,7 +49,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from fss.data.classes import IGNORE_INDEX
 from fss.data.imageio import read_mask
 from fss.data.prepared import PreparedDataset
-from fss.data.transforms import EpisodeTransform, TestTransform, pad_label_square
+from fss.data.scoring import pad_label_square
+from fss.data.transforms import EpisodeTransform, TestTransform
 from fss.errors import ConfigError, DataError
 
 TEST_SAMPLINGS = ("list_order", "pairs", "class_uniform", "panet")
@@ -517,7 +518,7 @@ def collate_episodes(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, to
     """Stack episode samples; ``query_label_original`` (sizes differ per image) is padded
     bottom/right with 255 to the batch's largest square ``[B, L, L]``, so element b's
     original label is ``[:h_b, :w_b]`` and its pfenet target ``[:L_b, :L_b]``
-    (L_b = max(h_b, w_b)); see :func:`fss.data.transforms.original_resolution_pairs`.
+    (L_b = max(h_b, w_b)); see :func:`fss.data.scoring.original_resolution_pairs`.
     Batch size 1 is the simplest for original-resolution scoring."""
     out: dict[str, torch.Tensor] = {}
     for key in samples[0]:

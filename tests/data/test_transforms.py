@@ -22,16 +22,14 @@ from fss.data.transforms import (
     image_to_tensor,
     normalize,
     normalize_array,
-    original_resolution_pairs,
-    pad_label_square,
     pfenet_pad_size,
     rand_hflip,
     rand_rotate,
     rand_scale,
     random_crop_keeping_foreground,
     rotate_arrays,
-    to_original_resolution,
 )
+from fss.data.scoring import original_resolution_pairs, pad_label_square, to_original_resolution
 from fss.errors import ConfigError
 
 
@@ -411,7 +409,7 @@ def test_test_time_resize_pad_and_normalise_equal_torchvisions(size):
     assert torch.equal(T.normalize(image), TF.normalize(image, list(T.MEAN_PIXEL_255), [s * 255.0 for s in T.IMAGENET_STD]))
     label = torch.randint(0, 21, (h, w), generator=g)
     side = max(h, w) + 3
-    assert torch.equal(T.pad_label_square(label, side),
+    assert torch.equal(pad_label_square(label, side),
                        TF.pad(label.reshape(1, h, w), [0, 0, side - w, side - h], fill=255).reshape(side, side))
 
 
