@@ -7,10 +7,22 @@ size and where predictions are scored; mIoU and FB-IoU come from ``fss.metrics.I
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fss.data.episodes import EpisodeLoader
+from fss.data.protocols import protocol_preset
+from fss.data.scoring import original_resolution_pairs
+from fss.data.transforms import denormalize
 from fss.errors import ConfigError
 from fss.layout import channels_last_images
+from fss.metrics import IoUMeter, summarize_runs
+from fss.precision import autocast
 
 #: the ``kind`` of an evaluation report (``fss evaluate``, validation and sweep trials)
 EVAL_KIND = "fss-evaluation"
@@ -24,8 +36,6 @@ def make_protocol(name: str, dataset: str, *, episodes: int | None = None, size:
 
     ``seed`` S replaces the preset's seeds by S, S+1, ... (one per run).
     """
-    from fss.data.protocols import protocol_preset
-
     overrides: dict[str, Any] = {}
     if episodes is not None:
         overrides["episodes"] = int(episodes)
@@ -50,8 +60,6 @@ def validation_protocol(config):
 
 
 def _logits_at(logits, size):
-    import torch.nn.functional as F
-
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
@@ -74,8 +82,6 @@ class ShiftedSupports:
         self.same_class = 0
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
         images, masks, classes = batch["support_images"], batch["support_masks"], batch["class_ids"]
         if self.carry is None:
             self.carry = (images[-1:], masks[-1:], classes[-1:])
@@ -87,30 +93,48 @@ class ShiftedSupports:
                 "support_masks": torch.cat([before[1], masks[:-1]])}
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a model runs on a protocol's episodes (the protocol says which episodes): shots and
+    ways at test time, device, episodes per forward pass, loader workers, precision
+    (``fss.precision``), channels-last layout and the support control (``SUPPORT_CONTROLS``).
+    Validation, sweep trials and ``fss evaluate`` build it from a run's config with
+    ``pipeline.eval_report.run_settings``."""
+
+    shot: int = 1
+    ways: int = 1
+    device: Any = "cpu"
+    batch_size: int = 1
+    num_workers: int = 0
+    precision: str = "fp32"
+    channels_last: bool = False
+    support_control: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.support_control not in SUPPORT_CONTROLS:
+            raise ConfigError(f"support_control={self.support_control!r} is unknown; "
+                              f"choose one of: {', '.join(SUPPORT_CONTROLS)}.")
+        object.__setattr__(self, "device", torch.device(self.device))
+
+
 def evaluate_model(
     model,
     data,
     protocol,
+    settings: EvalSettings,
     *,
-    shot: int,
-    device,
-    batch_size: int = 1,
-    num_workers: int = 0,
-    precision: str = "fp32",
-    ways: int = 1,
     sample_episodes: int = 0,
     track: Callable | None = None,
     description: str = "evaluate",
-    channels_last: bool = False,
     feature_cache=None,
-    support_control: str = "none",
     image_cache=None,
 ) -> dict:
-    """Run every run of ``protocol`` on ``data`` (the fold's val list); IoUMeter results.
+    """Run every run of ``protocol`` on ``data`` (the fold's val list) under ``settings``; the
+    IoUMeter results: the one scoring loop of validation, sweep trials and ``fss evaluate``.
 
-    ``support_control`` (``SUPPORT_CONTROLS``): ``shifted`` scores each episode with the
-    previous episode's support (:class:`ShiftedSupports`); the summary then has
-    ``support_control`` = {name, same_class_episodes} of run 0.
+    ``settings.support_control`` ``shifted`` scores each episode with the previous episode's
+    support (:class:`ShiftedSupports`); the summary then has ``support_control`` =
+    {name, same_class_episodes} of run 0.
 
     ``feature_cache``: a :class:`fss.models.feature_cache.FeatureCache` that serves the frozen
     backbone's outputs of images seen before (identical metrics; None = compute every time).
@@ -119,75 +143,67 @@ def evaluate_model(
 
     Returns the :func:`fss.metrics.summarize_runs` summary plus ``episodes`` (per run),
     ``class_episodes`` (run 0) and ``samples`` (the first ``sample_episodes`` episodes of
-    run 0, as uint8 images and label maps for the figure and W&B). ``channels_last``: model
-    and images in channels-last memory format (``train.channels_last``).
+    run 0, as uint8 images and label maps for the figure and W&B).
     """
-    import contextlib
-
-    import torch
-
-    from fss.data.episodes import EpisodeLoader
-    from fss.data.scoring import original_resolution_pairs
-    from fss.metrics import IoUMeter, summarize_runs
-
-    if support_control not in SUPPORT_CONTROLS:
-        raise ConfigError(f"support_control={support_control!r} is unknown; choose one of: {', '.join(SUPPORT_CONTROLS)}.")
     model.eval()
-    layout = lambda t: t  # noqa: E731
-    if channels_last:
-        layout = channels_last_images
+    device = settings.device
+    if settings.channels_last:
         model.to(memory_format=torch.channels_last)
     if device.type == "cuda":  # cuDNN autotuning unless deterministic algorithms were asked for
         torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
-    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if precision == "bf16" \
-        else contextlib.nullcontext
     results, samples, shifts = [], [], []
     for run in range(protocol.runs):
-        shifts.append(ShiftedSupports() if support_control == "shifted" else None)
-        episodes = protocol.episode_dataset(data, shot, run=run, ways=ways, image_cache=image_cache)
-        loader = EpisodeLoader(episodes, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                               pin=device.type == "cuda", generator=torch.Generator().manual_seed(0))
-        meter = IoUMeter(data.novel_classes, ignore_index=protocol.ignore_index)
+        shifts.append(ShiftedSupports() if settings.support_control == "shifted" else None)
+        episodes = protocol.episode_dataset(data, settings.shot, run=run, ways=settings.ways, image_cache=image_cache)
+        loader = EpisodeLoader(episodes, batch_size=settings.batch_size, shuffle=False,
+                               num_workers=settings.num_workers, pin=device.type == "cuda",
+                               generator=torch.Generator().manual_seed(0))
         batches = loader
         if track is not None:
             label = description if protocol.runs == 1 else f"{description} run {run + 1}/{protocol.runs}"
             batches = track(loader, label, len(loader))
+        if shifts[-1] is not None:
+            batches = map(shifts[-1], batches)
         cached = feature_cache.attached(model) if feature_cache is not None else contextlib.nullcontext()
         with torch.no_grad(), cached:
-            for batch in batches:
-                if shifts[-1] is not None:
-                    batch = shifts[-1](batch)
-                with autocast():
-                    logits = model.predict(layout(batch["support_images"].to(device)), batch["support_masks"].to(device),
-                                           layout(batch["query_images"].to(device)))
-                logits = logits.float()
-                class_ids = batch["class_ids"]
-                if protocol.score_at_original:
-                    pairs = original_resolution_pairs(logits, batch["query_label_original"], batch["original_size"],
-                                                      protocol.resize)
-                    for b, (out, target) in enumerate(pairs):
-                        meter.update_batch(out.argmax(1), target, class_ids[b:b + 1])
-                else:
-                    labels = batch["query_masks"].to(device)
-                    meter.update_batch(_logits_at(logits, labels.shape[-2:]).argmax(1), labels, class_ids)
-                if run == 0 and len(samples) < sample_episodes:
-                    samples.extend(_samples(batch, logits, sample_episodes - len(samples)))
+            meter = _score_run(model, batches, data, protocol, settings,
+                               samples if run == 0 else None, sample_episodes)
         results.append({**meter.compute(), "seed": protocol.seeds[run]})
     summary = summarize_runs(results)
     summary["episodes"] = results[0]["episodes"]
     summary["class_episodes"] = results[0]["class_episodes"]
     summary["samples"] = samples
     if shifts[0] is not None:
-        summary["support_control"] = {"name": support_control, "same_class_episodes": shifts[0].same_class}
+        summary["support_control"] = {"name": settings.support_control, "same_class_episodes": shifts[0].same_class}
     return summary
+
+
+def _score_run(model, batches, data, protocol, settings: EvalSettings, samples: list | None, sample_episodes: int):
+    """One run's episodes through the model into an IoUMeter (``samples`` collects pictures)."""
+    device = settings.device
+    layout = channels_last_images if settings.channels_last else (lambda t: t)
+    meter = IoUMeter(data.novel_classes, ignore_index=protocol.ignore_index)
+    for batch in batches:
+        with autocast(settings.precision, device):
+            logits = model.predict(layout(batch["support_images"].to(device)), batch["support_masks"].to(device),
+                                   layout(batch["query_images"].to(device)))
+        logits = logits.float()
+        class_ids = batch["class_ids"]
+        if protocol.score_at_original:
+            pairs = original_resolution_pairs(logits, batch["query_label_original"], batch["original_size"],
+                                              protocol.resize)
+            for b, (out, target) in enumerate(pairs):
+                meter.update_batch(out.argmax(1), target, class_ids[b:b + 1])
+        else:
+            labels = batch["query_masks"].to(device)
+            meter.update_batch(_logits_at(logits, labels.shape[-2:]).argmax(1), labels, class_ids)
+        if samples is not None and len(samples) < sample_episodes:
+            samples.extend(_samples(batch, logits, sample_episodes - len(samples)))
+    return meter
 
 
 def _samples(batch: dict, logits, count: int) -> list[dict]:
     """uint8 pictures of the first ``count`` episodes of a batch (way 0, support 0)."""
-    import numpy as np
-
-    from fss.data.transforms import denormalize
-
     out = []
     labels = batch["query_masks"]
     pred = _logits_at(logits, labels.shape[-2:]).argmax(1).cpu()

@@ -30,22 +30,35 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
 from fss.data.access import open_prepared
+from fss.data.classes import check_dataset, check_fold
 from fss.data.episodes import TestImageCache
 from fss.errors import CheckpointError, ConfigError
-from fss.evaluation import EVAL_KIND, SUPPORT_CONTROLS, evaluate_model, make_protocol
+from fss.evaluation import SUPPORT_CONTROLS, EvalSettings, make_protocol
+from fss.models.checkpoints import check_model_dataset, load_model_file, read_model_file, with_eval_ways
+from fss.models.feature_cache import FeatureCache
 from pipeline import parallel as P
-from pipeline.config import bf16_cpu_warning, resolve_device
+from pipeline import runs as R
+from pipeline.config import (
+    bf16_cpu_warning,
+    build_section,
+    eval_defaults,
+    layered_values,
+    load_params,
+    resolve_device,
+    tracking_defaults,
+)
 from pipeline.console import console, track
+from pipeline.eval_report import ScoredModel, metrics_path, run_settings, score, small_metrics
+from pipeline.figures import episode_figure
 from pipeline.runs import RunDir, write_json
-
-EVAL_VERSION = 1
+from pipeline.tracking import Tracker, log_evaluation, model_artifact_name, run_name
 
 
 def _control_suffix(control: str) -> str:
@@ -74,169 +87,74 @@ def _output_paths(out: Path | None, figure: Path | None, run: Path | None, model
     return out_k, fig_k.with_name(fig_k.stem + _control_suffix(control) + fig_k.suffix)
 
 
-def evaluate_one(
-    *,
-    model_path: Path,
-    selection: str,
-    method_meta: dict | None,
-    data,
-    dataset: str,
-    fold: int,
-    shot: int,
-    protocol,
-    device,
-    batch_size: int,
-    num_workers: int,
-    precision: str,
-    ways: int,
-    out: Path,
-    figure: Path | None,
-    figure_episodes: int,
-    tracking,
-    run_dir: Path | None,
-    group_shot: int,
-    track: Callable | None = None,
-    say: Callable[[str], None] | None = None,
-    channels_last: bool = False,
-    feature_cache=None,
-    image_cache=None,
-    allow_dataset_mismatch: bool = False,
-    support_control: str = "none",
-) -> dict:
-    """Evaluate one model file at ``shot`` shots and ``ways`` ways and write the JSON (and the figure).
+@dataclass
+class Evaluation:
+    """What the evaluations of one ``fss evaluate`` share: the fold's data, the protocol, the
+    caches, tracking and output settings (the model file and settings vary per evaluation)."""
 
-    ``feature_cache`` (a ``FeatureCache`` or None) is shared by the calls of one command;
-    the report gets its counters for this evaluation under ``feature_cache``. A model file
-    imported for another dataset is refused unless ``allow_dataset_mismatch``. ``support_control``:
-    ``fss.evaluation.SUPPORT_CONTROLS`` (the report records any but ``none``).
+    data: Any
+    protocol: Any
+    tracking: Any
+    run_dir: Path | None = None
+    group_shot: int | None = None  # the W&B group's shot: the run's training shot
+    figure_episodes: int = 0
+    allow_dataset_mismatch: bool = False
+    feature_cache: Any = None
+    image_cache: Any = None
+    track: Callable | None = None
+    say: Callable[[str], None] = lambda m: None
+
+
+def evaluate_one(ev: Evaluation, model_path: Path, selection: str, settings: EvalSettings, out: Path,
+                 figure: Path | None = None) -> dict:
+    """Evaluate one model file under ``settings`` (shots, ways, support control) and write the
+    report JSON (``pipeline.eval_report``) and the figure; returns the report.
+
+    A model file imported for another dataset is refused unless ``ev.allow_dataset_mismatch``.
     """
-    from fss.models.checkpoints import load_model_file
-    from pipeline.runs import write_json
-    from pipeline.tracking import Tracker, log_evaluation, model_artifact_name, run_name
-
-    say = say or (lambda m: None)
-    model, meta = load_model_file(model_path, shot=shot, ways=ways, dataset=dataset,
-                                  allow_dataset_mismatch=allow_dataset_mismatch)
+    dataset, fold = ev.data.dataset, ev.data.fold
+    model, meta = load_model_file(model_path, shot=settings.shot, ways=settings.ways, dataset=dataset,
+                                  allow_dataset_mismatch=ev.allow_dataset_mismatch)
     if meta.get("dataset") not in (None, dataset):
-        say(f"warning: {model_path} was imported for {meta['dataset']}, evaluated on {dataset} "
-            f"(--allow-dataset-mismatch).")
-    model = model.to(device)
-    tracker = Tracker(
-        enabled=tracking.wandb, project=tracking.project, entity=tracking.entity,
-        group=f"{meta['method']}-{dataset}-{meta['backbone']}-{group_shot}shot", job_type="evaluate",
-        name=run_name(meta["method"], dataset, fold, shot), init_timeout=tracking.init_timeout, warn=say,
-        config={"method": meta["method"], "dataset": dataset, "backbone": meta["backbone"], "fold": fold,
-                "shot": shot, "train_shot": meta.get("shot"), "knobs": meta.get("knobs", {}),
-                "protocol": protocol.describe(), "checkpoint": str(model_path), "selection": selection},
+        ev.say(f"warning: {model_path} was imported for {meta['dataset']}, evaluated on {dataset} "
+               f"(--allow-dataset-mismatch).")
+    info = ScoredModel.from_meta(meta, model_path, selection)
+    tracker = _tracker(ev, info, settings.shot)
+    tracker.use_model(model_path, model_artifact_name(info.method, dataset, info.backbone, info.train_shot, fold))
+    n_samples = max(ev.figure_episodes if figure is not None else 0, ev.tracking.images if tracker.active else 0)
+    report, samples = score(
+        model.to(settings.device), info, ev.data, ev.protocol, settings, run_dir=ev.run_dir,
+        sample_episodes=n_samples, track=ev.track, description=f"evaluate {info.method} fold {fold} {settings.shot}-shot",
+        feature_cache=ev.feature_cache, image_cache=ev.image_cache,
     )
-    tracker.use_model(model_path, model_artifact_name(meta["method"], dataset, meta["backbone"], meta.get("shot"), fold))
-    cache_before = feature_cache.stats.as_dict() if feature_cache is not None else None
-    images_before = image_cache.stats() if image_cache is not None else None
-    start = time.monotonic()
-    n_samples = max(figure_episodes if figure is not None else 0, tracking.images if tracker.active else 0)
-    result = evaluate_model(
-        model, data, protocol, shot=shot, device=device, batch_size=batch_size, num_workers=num_workers,
-        precision=precision, ways=ways, sample_episodes=n_samples, track=track,
-        description=f"evaluate {meta['method']} fold {fold} {shot}-shot", channels_last=channels_last,
-        feature_cache=feature_cache, support_control=support_control, image_cache=image_cache,
-    )
-    seconds = time.monotonic() - start
-    cache_counts = None if feature_cache is None else {
-        k: v - cache_before[k] for k, v in feature_cache.stats.as_dict().items()}
-    samples = result.pop("samples")
-    report = _report(result, meta=meta, dataset=dataset, fold=fold, shot=shot, ways=ways, protocol=protocol,
-                     model_path=model_path, selection=selection, run_dir=run_dir, data=data, device=device,
-                     precision=precision, channels_last=channels_last, seconds=seconds, cache_counts=cache_counts)
-    if figure is not None and figure_episodes > 0 and samples:
-        from pipeline.figures import episode_figure
-
-        title = (f"{meta['method']} {dataset} fold {fold} {shot}-shot ({protocol.name}): "
+    if figure is not None and ev.figure_episodes > 0 and samples:
+        title = (f"{info.method} {dataset} fold {fold} {settings.shot}-shot ({ev.protocol.name}): "
                  f"mIoU {100 * report['miou']:.1f}, FB-IoU {100 * report['fb_iou']:.1f}")
-        episode_figure(samples[:figure_episodes], figure, title=title, class_names=_class_names(data))
+        episode_figure(samples[:ev.figure_episodes], figure, title=title, class_names=_class_names(ev.data))
         report["figure"] = str(figure)
-    if image_cache is not None:  # each test image read and resized once: misses = distinct images
-        report["image_cache"] = {k: v - images_before[k] if k in ("hits", "misses", "evictions") else v
-                                 for k, v in image_cache.stats().items()}
     write_json(out, report)
-    log_evaluation(tracker, report, _class_names(data))
+    log_evaluation(tracker, report, _class_names(ev.data))
     if samples and tracker.active:
         tracker.images("predictions", [
             {"image": s["query"], "prediction": s["prediction"], "ground_truth": s["ground_truth"],
              "caption": f"episode {s['episode']} class {s['class_id']}"}
-            for s in samples[: tracking.images]
+            for s in samples[: ev.tracking.images]
         ])
     tracker.finish()
     return report
 
 
-def _report(result: dict, *, meta: dict, dataset: str, fold: int, shot: int, ways: int, protocol, model_path: Path,
-            selection: str, run_dir: Path | None, data, device, precision: str, channels_last: bool,
-            seconds: float, cache_counts: dict | None) -> dict:
-    """The evaluation JSON of one model at one shot count (format in the module docstring)."""
-    report = {
-        "kind": EVAL_KIND,
-        "version": EVAL_VERSION,
-        "method": meta["method"],
-        "dataset": dataset,
-        "backbone": meta["backbone"],
-        "fold": int(fold),
-        "shot": int(shot),
-        "train_shot": meta.get("shot"),
-        "ways": ways,
-        "knobs": meta.get("knobs", {}),
-        "miou": result["miou"],
-        "fb_iou": result["fb_iou"],
-        "class_iou": {str(k): v for k, v in result.get("class_iou", {}).items()},
-        "episodes": result["episodes"],
-        "num_runs": len(result["runs"]),
-        "runs": [
-            {"seed": r["seed"], "miou": r["miou"], "fb_iou": r["fb_iou"], "episodes": r["episodes"],
-             "class_iou": {str(k): v for k, v in r["class_iou"].items()},
-             "class_episodes": {str(k): v for k, v in r["class_episodes"].items()},
-             "missing_classes": r.get("missing_classes", [])}
-            for r in result["runs"]
-        ],
-        "class_episodes": {str(k): v for k, v in result["class_episodes"].items()},
-        "protocol": protocol.name,
-        "protocol_options": protocol.describe(),
-        "checkpoint": str(model_path),
-        "checkpoint_selection": selection,
-        "checkpoint_source": meta.get("source", ""),
-        "run_dir": str(run_dir) if run_dir is not None else None,
-        "data_root": str(data.root),
-        "convention": data.convention,
-        "novel_classes": list(data.novel_classes),
-        "device": str(device),
-        "precision": precision,
-        "channels_last": channels_last,
-        "seconds": round(seconds, 3),
-    }
-    if cache_counts is not None:
-        report["feature_cache"] = cache_counts
-    if "support_control" in result:  # absent for the default "none": those reports are unchanged
-        report["support_control"] = result["support_control"]
-    if len(result["runs"]) > 1:
-        report["miou_std"] = result["miou_std"]
-        report["fb_iou_std"] = result["fb_iou_std"]
-        if "class_iou_std" in result:
-            report["class_iou_std"] = {str(k): v for k, v in result["class_iou_std"].items()}
-    return report
-
-
-def small_metrics(report: dict) -> dict:
-    """The few numbers of a table row (DVC metrics): mIoU and FB-IoU as fractions, method, fold,
-    shot and episode count, plus the standard deviations over runs when there are several."""
-    keys = ("method", "fold", "shot", "episodes", "miou", "fb_iou", "miou_std", "fb_iou_std")
-    small = {k: report[k] for k in keys if k in report}
-    if "support_control" in report:
-        small["support_control"] = report["support_control"]["name"]
-    return small
-
-
-def metrics_path(out: Path) -> Path:
-    """``evals/m/fold0-1shot.json`` -> ``evals/m/fold0-1shot.metrics.json``."""
-    stem = out.name[: -len(".json")] if out.name.endswith(".json") else out.name
-    return out.with_name(stem + ".metrics.json")
+def _tracker(ev: Evaluation, info: ScoredModel, shot: int) -> Tracker:
+    """The W&B run of one evaluation (grouped with its training run: method-dataset-backbone-shot)."""
+    t, data = ev.tracking, ev.data
+    return Tracker(
+        enabled=t.wandb, project=t.project, entity=t.entity,
+        group=f"{info.method}-{data.dataset}-{info.backbone}-{ev.group_shot or shot}shot", job_type="evaluate",
+        name=run_name(info.method, data.dataset, data.fold, shot), init_timeout=t.init_timeout, warn=ev.say,
+        config={"method": info.method, "dataset": data.dataset, "backbone": info.backbone, "fold": data.fold,
+                "shot": shot, "train_shot": info.train_shot, "knobs": info.knobs,
+                "protocol": ev.protocol.describe(), "checkpoint": info.checkpoint, "selection": info.selection},
+    )
 
 
 def _class_names(data) -> dict[int, str]:
@@ -249,8 +167,6 @@ def _class_names(data) -> dict[int, str]:
 
 def _make_feature_cache(test_cfg, enabled: bool | None, directory: Path | None, megabytes: int | None):
     """The evaluation feature cache of one ``fss evaluate`` (CLI options over ``test.*``), or None."""
-    from fss.models.feature_cache import FeatureCache
-
     if not (test_cfg.feature_cache if enabled is None else enabled):
         return None
     mb = test_cfg.feature_cache_mb if megabytes is None else megabytes
@@ -266,10 +182,30 @@ def _make_feature_cache(test_cfg, enabled: bool | None, directory: Path | None, 
     return FeatureCache(max_bytes=int(mb) << 20, directory=directory)
 
 
-def _run_source(run: Path, checkpoint: str, device: str | None, num_workers: int | None) -> dict:
-    """What `fss evaluate --run` scores: the run's weights, data and settings."""
-    from pipeline import runs as R
+@dataclass(frozen=True)
+class Source:
+    """What ``fss evaluate`` scores: a model file, the data it is scored on and the settings
+    that come with it (a run's config for ``--run``, params defaults for ``--model``)."""
 
+    model_path: Path
+    selection: str
+    dataset: str
+    fold: int
+    root: Path
+    convention: str | None
+    test: Any  # the TestConfig section
+    tracking: Any
+    device: str
+    precision: str = "fp32"
+    channels_last: bool = False
+    workers: int = 0
+    group_shot: int | None = None
+    cache_images: bool = False
+    run_dir: Path | None = None
+
+
+def _run_source(run: Path, checkpoint: str, device: str | None, num_workers: int | None) -> Source:
+    """What `fss evaluate --run` scores: the run's weights, data and settings."""
     rd = R.RunDir(run)
     config = rd.load_config()
     names = {"selected": R.MODEL_SELECTED, "last": R.MODEL_LAST, "best": R.MODEL_BEST}
@@ -283,50 +219,32 @@ def _run_source(run: Path, checkpoint: str, device: str | None, num_workers: int
     if checkpoint == "selected":
         summary_file = rd.file(R.SUMMARY_FILE)
         selection = R.read_json(summary_file, "run summary").get("selected", "last") if summary_file.is_file() else "last"
-    ds_name, fold_, root_, conv = config.dataset, config.fold, Path(config.data.root), config.data.convention
-    test_cfg, tracking = config.test, config.tracking
-    if device is None:
-        device = config.train.device
-    workers = config.test.num_workers if config.test.num_workers is not None else config.data.num_workers
-    workers = workers if num_workers is None else num_workers
-    precision = config.train.precision
-    channels_last = config.train.channels_last
-    group_shot = config.shot
-    cache = config.data.cache_images
-    return dict(model_path=model_path, selection=selection, ds_name=ds_name, fold_=fold_, root_=root_, conv=conv,
-                test_cfg=test_cfg, tracking=tracking, device=device, workers=workers, precision=precision,
-                channels_last=channels_last, group_shot=group_shot, cache=cache)
+    settings = run_settings(config, "cpu", num_workers=num_workers)
+    return Source(model_path=model_path, selection=selection, dataset=config.dataset, fold=config.fold,
+                  root=Path(config.data.root), convention=config.data.convention, test=config.test,
+                  tracking=config.tracking, device=device or config.train.device, precision=settings.precision,
+                  channels_last=settings.channels_last, workers=settings.num_workers, group_shot=config.shot,
+                  cache_images=config.data.cache_images, run_dir=run)
 
 
 def _model_source(model: Path, dataset: str | None, root: Path | None, fold: int | None, convention: str | None,
-                  num_workers: int | None, params: Path | None, device: str | None) -> dict:
+                  num_workers: int | None, params: Path | None, device: str | None) -> Source:
     """What `fss evaluate --model` scores: an imported model file on the given prepared data."""
-    from fss.data.classes import check_dataset, check_fold
-    from pipeline.config import build_section, eval_defaults, layered_values, load_params, tracking_defaults
-
     if dataset is None or root is None or fold is None:
         raise ConfigError("--model needs --dataset, --root and --fold.")
     check_dataset(dataset)
     check_fold(fold)
-    model_path, selection = model, "imported"
     p, _ = load_params(params)
-    ds_name, fold_, root_, conv = dataset, fold, root, convention
-    test_cfg, tracking = eval_defaults(p, dataset), tracking_defaults(p, dataset)
-    workers = num_workers if num_workers is not None else (test_cfg.num_workers or 0)
-    precision = "fp32"
-    channels_last = False
-    group_shot = None
-    cache = build_section("data", layered_values(p, None, dataset).get("data")).cache_images
-    return dict(model_path=model_path, selection=selection, ds_name=ds_name, fold_=fold_, root_=root_, conv=conv,
-                test_cfg=test_cfg, tracking=tracking, device=device, workers=workers, precision=precision,
-                channels_last=channels_last, group_shot=group_shot, cache=cache)
+    test_cfg = eval_defaults(p, dataset)
+    return Source(model_path=model, selection="imported", dataset=dataset, fold=fold, root=root, convention=convention,
+                  test=test_cfg, tracking=tracking_defaults(p, dataset), device=device or "auto",
+                  workers=num_workers if num_workers is not None else (test_cfg.num_workers or 0),
+                  cache_images=build_section("data", layered_values(p, None, dataset).get("data")).cache_images)
 
 
 def _check_model_file(model: Path, dataset: str, ways: int, allow_dataset_mismatch: bool) -> None:
     """Refuse a --model file recorded for another dataset, or one that cannot do ``ways`` ways,
     before the data is opened (the loader checks the same again)."""
-    from fss.models.checkpoints import check_model_dataset, read_model_file, with_eval_ways
-
     blob = read_model_file(model)
     check_model_dataset(blob, model, dataset, allow_dataset_mismatch)
     with_eval_ways(blob["method"], blob["knobs"], ways, model)
@@ -474,38 +392,30 @@ def evaluate_command(
     else:
         src = _model_source(model, dataset, root, fold, convention, num_workers, params, device)
         _check_model_file(model, dataset, ways, allow_dataset_mismatch)
-    model_path, selection, ds_name, fold_, root_, conv = (src[k] for k in (
-        "model_path", "selection", "ds_name", "fold_", "root_", "conv"))
-    test_cfg, tracking, device, workers, precision, channels_last, group_shot, cache = (src[k] for k in (
-        "test_cfg", "tracking", "device", "workers", "precision", "channels_last", "group_shot", "cache"))
-    if wandb is not None:
-        tracking = dataclasses.replace(tracking, wandb=wandb)
-    dev = resolve_device(device or "auto")
-    warning = bf16_cpu_warning(precision, dev)
+    dev = resolve_device(src.device)
+    warning = bf16_cpu_warning(src.precision, dev)
     if warning:
         say(warning)
-    name = protocol or test_cfg.protocol
+    name = protocol or src.test.protocol
     proto = make_protocol(
-        name, ds_name, episodes=episodes if episodes is not None else test_cfg.episodes,
-        size=size if size is not None else test_cfg.size, runs=runs if runs is not None else test_cfg.runs, seed=seed,
+        name, src.dataset, episodes=episodes if episodes is not None else src.test.episodes,
+        size=size if size is not None else src.test.size, runs=runs if runs is not None else src.test.runs, seed=seed,
     )
-    data = open_prepared(root_, fold_, "val", conv, dataset=ds_name, cache=cache)
-    if cache and workers > 0:
+    data = open_prepared(src.root, src.fold, "val", src.convention, dataset=src.dataset, cache=src.cache_images)
+    if src.cache_images and src.workers > 0:
         data.preload()
-    bs = batch_size or test_cfg.batch_size
-    fcache = _make_feature_cache(test_cfg, feature_cache, feature_cache_dir, feature_cache_mb)
-    icache = _make_image_cache(test_cfg, workers)
+    tracking = src.tracking if wandb is None else dataclasses.replace(src.tracking, wandb=wandb)
+    ev = Evaluation(data=data, protocol=proto, tracking=tracking, run_dir=run, group_shot=src.group_shot,
+                    figure_episodes=src.test.figure_episodes, allow_dataset_mismatch=allow_dataset_mismatch,
+                    feature_cache=_make_feature_cache(src.test, feature_cache, feature_cache_dir, feature_cache_mb),
+                    image_cache=_make_image_cache(src.test, src.workers), track=track, say=say)
     reports = []
     for control, k in ((c, k) for c in support_control for k in shot):
         out_k, fig_k = _output_paths(out, figure, run, model, name, k, control)
-        report = evaluate_one(
-            model_path=model_path, selection=selection, method_meta=None, data=data, dataset=ds_name, fold=fold_,
-            shot=k, protocol=proto, device=dev, batch_size=bs, num_workers=workers, precision=precision,
-            ways=ways, out=out_k, figure=fig_k, figure_episodes=test_cfg.figure_episodes, tracking=tracking,
-            run_dir=run, group_shot=group_shot or k, track=track, say=say, channels_last=channels_last,
-            feature_cache=fcache, allow_dataset_mismatch=allow_dataset_mismatch, support_control=control,
-            image_cache=icache,
-        )
+        settings = EvalSettings(shot=k, ways=ways, device=dev, batch_size=batch_size or src.test.batch_size,
+                                num_workers=src.workers, precision=src.precision, channels_last=src.channels_last,
+                                support_control=control)
+        report = evaluate_one(ev, src.model_path, src.selection, settings, out_k, fig_k)
         write_json(metrics_path(out_k), small_metrics(report))
         reports.append(_announce(report, control, name, out_k))
     typer.echo(json.dumps(reports if len(reports) > 1 else reports[0], sort_keys=True))

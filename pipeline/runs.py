@@ -48,6 +48,7 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_FILE = "checkpoint.pt"
 CURVES_FILE = "curves.csv"
 VAL_FILE = "val.csv"
+VAL_REPORT = "validation.json"  # the report of the latest validation check (pipeline.eval_report)
 MODEL_LAST = "model_last.pt"
 MODEL_BEST = "model_best.pt"
 MODEL_SELECTED = "model.pt"

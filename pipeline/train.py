@@ -36,12 +36,13 @@ from typing import Any, Callable
 import torch
 
 from fss.errors import ConfigError
-from fss.evaluation import evaluate_model, validation_protocol
+from fss.evaluation import validation_protocol
 from fss.layout import channels_last_batch
 from fss.schedule import poly_lr
 
 from pipeline import distributed as D
 from pipeline.config import RunConfig, bf16_cpu_warning
+from pipeline.eval_report import ScoredModel, run_settings, score
 from pipeline.train_data import EpochBatches, build_training_episodes, open_split
 
 TrackFn = Callable[..., Any]
@@ -330,12 +331,9 @@ def validate(t: Trainer, state: TrainState, epoch: int, on_validation: Callable[
 
     config, iteration = t.config, state.iteration
     with R.rng_preserved():  # validation must not change the training randomness (bit-identical resume)
-        result = evaluate_model(
-            t.model, t.val_data, t.val_protocol, shot=config.shot, device=t.device,
-            batch_size=config.test.batch_size,
-            num_workers=config.data.num_workers if config.test.num_workers is None else config.test.num_workers,
-            precision=config.train.precision, ways=1, channels_last=config.train.channels_last,
-        )
+        result, _ = score(t.model, ScoredModel.from_config(config, selection=f"iteration {iteration}"), t.val_data,
+                          t.val_protocol, run_settings(config, t.device))
+    R.write_json(t.run.file(R.VAL_REPORT), result)  # the latest check's report (the evaluation report's fields)
     t.model.train()
     t.val_log.append({"iteration": iteration, "epoch": epoch, "val_miou": result["miou"],
                       "val_fb_iou": result["fb_iou"], "val_episodes": result["episodes"]})

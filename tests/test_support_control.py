@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fss.errors import ConfigError
-from fss.evaluation import ShiftedSupports, evaluate_model, make_protocol
+from fss.evaluation import EvalSettings, ShiftedSupports, evaluate_model, make_protocol
 
 CPU = torch.device("cpu")
 
@@ -69,14 +69,14 @@ def _data(root):
 
 def test_shifted_supports_cost_a_support_matching_method_and_not_a_blind_one(synthetic_root):
     data, proto = _data(synthetic_root), make_protocol("pfenet", "synthetic", episodes=24, size=33)
-    blind = [evaluate_model(_QueryOnly(), data, proto, shot=1, device=CPU, batch_size=4, support_control=c)
+    blind = [evaluate_model(_QueryOnly(), data, proto, EvalSettings(batch_size=4, support_control=c))
              for c in ("none", "shifted")]
     assert blind[0]["miou"] == blind[1]["miou"] and blind[0]["fb_iou"] == blind[1]["fb_iou"]
     assert "support_control" not in blind[0]
     assert blind[1]["support_control"]["name"] == "shifted"
     assert 0 <= blind[1]["support_control"]["same_class_episodes"] < 24
 
-    own, shifted = (evaluate_model(_ColourMatcher(), data, proto, shot=1, device=CPU, batch_size=4, support_control=c)
+    own, shifted = (evaluate_model(_ColourMatcher(), data, proto, EvalSettings(batch_size=4, support_control=c))
                     for c in ("none", "shifted"))
     assert shifted["miou"] < own["miou"]
 
@@ -86,8 +86,7 @@ def test_an_unknown_control_is_refused_in_one_line(synthetic_root, capsys):
     from tests.pipeline.pipeline_helpers import run_fss
 
     with pytest.raises(ConfigError, match="support_control='swapped' is unknown; choose one of: none, shifted"):
-        evaluate_model(_QueryOnly(), _data(synthetic_root), make_protocol("pfenet", "synthetic", episodes=2),
-                       shot=1, device=CPU, support_control="swapped")
+        EvalSettings(support_control="swapped")
     code, _, err = run_fss(["evaluate", "--run", "nowhere", "--support-control", "swapped"], capsys)
     assert code != 0 and "--support-control 'swapped'; choose one of: none, shifted." in err
     # the control never overwrites the run's own evaluation file by default

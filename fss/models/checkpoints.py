@@ -128,26 +128,30 @@ def with_eval_ways(method: str, knobs: dict, ways: int | None, path) -> dict:
 
 
 def load_model_file(path, *, shot: int | None = None, ways: int | None = None, dataset: str | None = None,
-                    allow_dataset_mismatch: bool = False) -> tuple[torch.nn.Module, dict]:
+                    allow_dataset_mismatch: bool = False, knobs: dict | None = None,
+                    method: str | None = None) -> tuple[torch.nn.Module, dict]:
     """Build the model a model file describes and load its weights strictly: the one loader.
 
     ``shot``/``ways``: the evaluation's test-time settings (default: as recorded; the
     recorded ``shot`` is the training one and changes no weight). ``dataset``: the
     evaluation dataset; a file imported for another one is refused unless
-    ``allow_dataset_mismatch``. ``meta`` is the file without its weights, with the knobs
-    the model was built with.
+    ``allow_dataset_mismatch``. ``knobs``: test-time knob values over the recorded ones (a
+    sweep of a test-time knob). ``method``: refuse a file of another method. ``meta`` is the
+    file without its weights, with the knobs the model was built with.
     """
     from fss.models.registry import create_model
 
     blob = read_model_file(path)
+    if method is not None and blob["method"] != method:
+        raise CheckpointError(f"{path} holds a {blob['method']} model, not {method}; give a {method} model file.")
     if dataset is not None:
         check_model_dataset(blob, path, dataset, allow_dataset_mismatch)
-    knobs = with_eval_ways(blob["method"], dict(blob["knobs"]), ways, path)
+    built_knobs = with_eval_ways(blob["method"], {**dict(blob["knobs"]), **dict(knobs or {})}, ways, path)
     build_shot = int(shot) if shot is not None else int(blob["shot"] or 1)
-    model = create_model(blob["method"], backbone=blob["backbone"], shot=build_shot, **knobs)
+    model = create_model(blob["method"], backbone=blob["backbone"], shot=build_shot, **built_knobs)
     load_strict(model, blob["state_dict"], str(path))
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
-    meta["knobs"] = knobs
+    meta["knobs"] = built_knobs
     return model, meta
 
 

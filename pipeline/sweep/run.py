@@ -16,13 +16,13 @@ import typer
 from optuna.trial import TrialState
 
 from fss.errors import CheckpointError, ConfigError, DataError
-from fss.evaluation import EVAL_KIND, evaluate_model, validation_protocol
-from fss.models.checkpoints import MODEL_FILE_FORMAT, load_strict, safe_torch_load
-from fss.models.registry import create_model
+from fss.evaluation import validation_protocol
+from fss.models.checkpoints import load_model_file
 from pipeline import parallel as P
 from pipeline import runs as R
 from pipeline.config import resolve_device
 from pipeline.console import console
+from pipeline.eval_report import ScoredModel, run_settings, score
 from pipeline.runs import read_json, write_json
 from pipeline.sweep.queueing import (
     Heartbeat,
@@ -62,40 +62,21 @@ class TrialStopped(Exception):
 
 def evaluate_on_validation(config, model_path: Path, shot: int, out: Path, knob_overrides: Mapping[str, Any] | None = None,
                            tracking_off: bool = True) -> float:
-    """Score a model file on the run's validation episodes; writes the evaluation JSON
-    (``split``: the validation list, val or holdout) and returns the mIoU read back from it."""
-    protocol = validation_protocol(config)
+    """Score a model file on the run's validation episodes (``pipeline.eval_report.score``: the
+    report of ``fss evaluate``, with ``split`` the validation list, val or holdout); writes it
+    to ``out`` and returns the mIoU read back from it."""
     overlap = test_seed_overlap(config)
     if overlap:  # load_study refuses this already; a guard for configs built elsewhere
         raise ConfigError(
             f"validation.seed {config.validation.seed} gives the episode seeds {overlap} of the test protocol "
             f"{config.test.protocol}; choose another validation.seed so the test numbers are not tuned on."
         )
-    blob = safe_torch_load(model_path)
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FILE_FORMAT:
-        raise CheckpointError(f"{model_path} is not a model file of this project; pass a run directory or an "
-                              f"'fss checkpoint import' output as the study's checkpoint.")
-    if blob.get("method") != config.method:
-        raise CheckpointError(f"{model_path} holds a {blob.get('method')} model, the study sweeps {config.method}; "
-                              f"fix the study's checkpoint path.")
-    knobs = {**dict(blob.get("knobs", {})), **dict(knob_overrides or {})}
-    model = create_model(blob["method"], backbone=blob["backbone"], shot=int(shot), **knobs)
-    load_strict(model, blob["state_dict"], str(model_path))
+    model, meta = load_model_file(model_path, shot=int(shot), dataset=config.dataset, method=config.method,
+                                  knobs=dict(knob_overrides or {}))
     device = resolve_device(config.train.device)
     data = open_split(config, config.validation.split)
-    start = time.monotonic()
-    result = evaluate_model(model.to(device), data, protocol, shot=int(shot), device=device,
-                            batch_size=config.test.batch_size, num_workers=config.data.num_workers,
-                            precision=config.train.precision)
-    report = {
-        "kind": EVAL_KIND, "version": 1, "split": config.validation.split, "method": blob["method"], "dataset": config.dataset,
-        "backbone": blob["backbone"], "fold": config.fold, "shot": int(shot), "train_shot": blob.get("shot"),
-        "knobs": knobs, "miou": result["miou"], "fb_iou": result["fb_iou"],
-        "class_iou": {str(k): v for k, v in result.get("class_iou", {}).items()},
-        "episodes": result["episodes"], "protocol": protocol.name, "protocol_options": protocol.describe(),
-        "checkpoint": str(model_path), "data_root": str(data.root), "device": str(device),
-        "seconds": round(time.monotonic() - start, 3),
-    }
+    report, _ = score(model.to(device), ScoredModel.from_meta(meta, model_path, "trial"), data,
+                      validation_protocol(config), run_settings(config, device, shot=int(shot)))
     write_json(out, report)
     return float(read_json(out, "evaluation")["miou"])
 

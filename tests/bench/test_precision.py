@@ -134,7 +134,7 @@ def test_training_and_evaluation_with_bf16_and_channels_last(bench_synthetic_roo
     and channels_last does not change the fp32 evaluation metrics."""
     from fss.models.checkpoints import load_model_file
     from pipeline.config import REPO_PARAMS, resolve_run_config
-    from fss.evaluation import evaluate_model, validation_protocol
+    from fss.evaluation import EvalSettings, evaluate_model, validation_protocol
     from pipeline.train import train_run
     from pipeline.train_data import open_split
 
@@ -157,8 +157,8 @@ def test_training_and_evaluation_with_bf16_and_channels_last(bench_synthetic_roo
     model, _ = load_model_file(tmp_path / "run" / "model.pt")
     data = open_split(config, "val")
     protocol = validation_protocol(config)
-    plain = evaluate_model(model, data, protocol, shot=1, device=CPU, batch_size=2)
-    channels_last = evaluate_model(model, data, protocol, shot=1, device=CPU, batch_size=2, channels_last=True)
+    plain = evaluate_model(model, data, protocol, EvalSettings(batch_size=2))
+    channels_last = evaluate_model(model, data, protocol, EvalSettings(batch_size=2, channels_last=True))
     assert channels_last["miou"] == pytest.approx(plain["miou"], abs=1e-6)
     assert channels_last["fb_iou"] == pytest.approx(plain["fb_iou"], abs=1e-6)
 

@@ -24,10 +24,10 @@ def protocol(episodes: int = 6, size: int = 33):
 
 def evaluate(model, data, proto, *, shot: int = 1, cache=None, batch_size: int = 3, num_workers: int = 0,
              precision: str = "fp32") -> dict:
-    from fss.evaluation import evaluate_model
+    from fss.evaluation import EvalSettings, evaluate_model
 
-    return evaluate_model(model, data, proto, shot=shot, device=CPU, batch_size=batch_size,
-                          num_workers=num_workers, feature_cache=cache, precision=precision)
+    settings = EvalSettings(shot=shot, device=CPU, batch_size=batch_size, num_workers=num_workers, precision=precision)
+    return evaluate_model(model, data, proto, settings, feature_cache=cache)
 
 
 def metrics(result: dict) -> tuple:

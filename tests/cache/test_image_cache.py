@@ -9,7 +9,7 @@ import torch
 from cache_helpers import CPU, metrics, small_model
 from fss.data.access import open_prepared
 from fss.data.episodes import TestImageCache
-from fss.evaluation import evaluate_model, make_protocol
+from fss.evaluation import EvalSettings, evaluate_model, make_protocol
 
 
 def _samples_equal(a: dict, b: dict) -> bool:
@@ -48,8 +48,8 @@ def test_evaluation_metrics_with_and_without_the_image_cache(cache_synthetic_roo
     proto = make_protocol("pfenet", "synthetic", episodes=8, size=33)
     model = small_model("pfenet")
     cache = TestImageCache(max_mb=64)
-    runs = [evaluate_model(model, data, proto, shot=1, device=CPU, batch_size=4, image_cache=c) for c in (None, cache)]
+    runs = [evaluate_model(model, data, proto, EvalSettings(batch_size=4), image_cache=c) for c in (None, cache)]
     assert metrics(runs[0]) == metrics(runs[1])
-    again = evaluate_model(model, data, proto, shot=1, device=CPU, batch_size=4, support_control="shifted",
+    again = evaluate_model(model, data, proto, EvalSettings(batch_size=4, support_control="shifted"),
                            image_cache=cache)
     assert again["episodes"] == runs[0]["episodes"] and cache.misses == len(cache.entries)

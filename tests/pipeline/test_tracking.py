@@ -85,7 +85,8 @@ def test_offline_train_evaluate_and_aggregate_write_wandb_runs(synthetic_root, t
     import torch
 
     from pipeline.aggregate import aggregate
-    from pipeline.evaluate import evaluate_one, make_protocol
+    from fss.evaluation import EvalSettings
+    from pipeline.evaluate import Evaluation, evaluate_one, make_protocol
     from pipeline.tracking import log_aggregate
     from pipeline.train_data import open_split
 
@@ -112,13 +113,9 @@ def test_offline_train_evaluate_and_aggregate_write_wandb_runs(synthetic_root, t
     assert model.name == "model-pfenet-synthetic-small-1shot-fold1"
     assert [e.ref for e in model.manifest.contents] == [(out / "model.pt").resolve().as_uri()]  # a reference
 
-    report = evaluate_one(
-        model_path=out / "model.pt", selection="last", method_meta=None, data=open_split(config, "val"),
-        dataset="synthetic", fold=1, shot=1, protocol=make_protocol("pfenet", "synthetic", episodes=4, size=33),
-        device=torch.device("cpu"), batch_size=2, num_workers=0, precision="fp32", ways=1,
-        out=tmp_path / "evals" / "eval.json", figure=None, figure_episodes=0, tracking=config.tracking, run_dir=out,
-        group_shot=1, say=warnings.append,
-    )
+    ev = Evaluation(data=open_split(config, "val"), protocol=make_protocol("pfenet", "synthetic", episodes=4, size=33),
+                    tracking=config.tracking, run_dir=out, group_shot=1, say=warnings.append)
+    report = evaluate_one(ev, out / "model.pt", "last", EvalSettings(batch_size=2), tmp_path / "evals" / "eval.json")
     assert warnings == []
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     evaluation = OfflineRun(next(r for r in runs if not r.name.endswith(run_id)))
