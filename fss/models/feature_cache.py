@@ -11,7 +11,7 @@ damaged file is recomputed, never loaded).
 How the models use it: every method sends its backbone calls through
 :meth:`fss.models.base.FSSModel.frozen_features` (one hook). Without an attached cache,
 in training mode or with gradients enabled, that hook is a plain call of the computation.
-``with cache.attached(model):`` (done by ``pipeline.evaluate.evaluate_model``) binds the
+``with cache.attached(model):`` (done by ``fss.evaluation.evaluate_model``) binds the
 cache to an eval-mode model; the hook then splits the batch per image (row), looks each
 row up, computes only the missing rows (as one sub-batch), stores them and reassembles
 the batch in its original order.
