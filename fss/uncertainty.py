@@ -375,7 +375,7 @@ def _check_options(replicates: int, seed: int, level: float, metric: str) -> Non
         raise ConfigError(f"replicates={replicates!r}: pass an integer of at least 2 (default {DEFAULT_REPLICATES}).")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed={seed!r}: pass a non-negative integer (default {DEFAULT_SEED}).")
-    if not 0.0 < float(level) < 1.0:
+    if isinstance(level, bool) or not isinstance(level, (int, float, np.floating)) or not 0.0 < float(level) < 1.0:
         raise ConfigError(f"level={level!r}: pass a coverage level between 0 and 1 (default {DEFAULT_LEVEL}).")
     _check_metric(metric)
 

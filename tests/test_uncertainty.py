@@ -226,7 +226,7 @@ def test_paired_difference_refuses_other_episodes():
 def test_options_and_empty_class_error():
     table = _synthetic(np.random.default_rng(7), [0.4, 0.6], 30)[0]
     for kwargs, match in (({"replicates": 1}, "replicates"), ({"level": 1.5}, "level"),
-                          ({"seed": -1}, "seed"), ({"metric": "dice"}, "metric")):
+                          ({"seed": -1}, "seed"), ({"metric": "dice"}, "metric"), ({"level": "95%"}, "level")):
         with pytest.raises(ConfigError, match=match):
             bootstrap_miou([table], **kwargs)
     with pytest.raises(ConfigError, match="list of runs"):
