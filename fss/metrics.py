@@ -32,6 +32,12 @@ Options (knobs) and their reference behaviour:
 
 All counts are accumulated exactly as int64 on the CPU; the per-episode counting runs in
 torch on the inputs' device (numpy inputs are counted on the CPU).
+
+``keep_episodes`` (default False): the meter also keeps one row of counts per episode (its
+classes, each label's I and U after ``absent_labels``), returned by
+:meth:`IoUMeter.episode_table` as a :class:`fss.uncertainty.EpisodeCounts` for bootstrap
+intervals. Keeping them changes no result; state dicts carry the rows and merging
+concatenates them.
 """
 
 from __future__ import annotations
@@ -43,10 +49,10 @@ import numpy as np
 import torch
 
 from fss.errors import ConfigError
+from fss.uncertainty import EMPTY_CLASS_MODES, EpisodeCounts
 
 IGNORE_INDEX = 255
 ABSENT_LABEL_MODES = ("count", "skip")
-EMPTY_CLASS_MODES = ("zero", "exclude", "error")
 STATE_VERSION = 1
 
 
@@ -118,7 +124,7 @@ class IoUMeter:
 
     ``class_ids``: the classes the mean runs over (the fold's novel classes); every episode
     must belong to one of them. See the module docstring for ``ignore_index``,
-    ``absent_labels`` and ``empty_class``.
+    ``absent_labels``, ``empty_class`` and ``keep_episodes``.
     """
 
     def __init__(
@@ -127,6 +133,7 @@ class IoUMeter:
         ignore_index: int | None = IGNORE_INDEX,
         absent_labels: str = "count",
         empty_class: str = "zero",
+        keep_episodes: bool = False,
     ):
         ids = [int(c) for c in class_ids]
         if not ids:
@@ -147,6 +154,7 @@ class IoUMeter:
         self.ignore_index = None if ignore_index is None else int(ignore_index)
         self.absent_labels = absent_labels
         self.empty_class = empty_class
+        self.keep_episodes = bool(keep_episodes)
         self._index = {c: i for i, c in enumerate(ids)}
         self.reset()
 
@@ -160,6 +168,7 @@ class IoUMeter:
         self.fb_intersection = np.zeros(2, dtype=np.int64)  # [background, foreground]
         self.fb_union = np.zeros(2, dtype=np.int64)
         self.episodes = 0
+        self._episode_rows: list[EpisodeCounts] = []
 
     def update(self, pred: Any, target: Any, class_id: int | Sequence[int]) -> None:
         """Add one episode: ``pred``/``target`` HxW; ``class_id`` an int (1-way) or the
@@ -193,6 +202,7 @@ class IoUMeter:
         ways = ids.shape[1]
         self._check_class_ids(ids)
         self._check_values(pred_t, target_t, ways)
+        self._check_ways(ways)
 
         inter, union, present = episode_counts(pred_t, target_t, ways, self.ignore_index)
         inter = inter.cpu().numpy().astype(np.int64)
@@ -212,6 +222,15 @@ class IoUMeter:
         self.fb_intersection += np.array([inter[:, 0].sum(), inter[:, 1:].sum()], dtype=np.int64)
         self.fb_union += np.array([union[:, 0].sum(), union[:, 1:].sum()], dtype=np.int64)
         self.episodes += batch
+        if self.keep_episodes:
+            self._episode_rows.append(EpisodeCounts(ids, inter, union, recorded, self.class_ids, self.empty_class))
+
+    def _check_ways(self, ways: int) -> None:
+        if self.keep_episodes and self._episode_rows and self._episode_rows[0].ways != ways:
+            raise ConfigError(
+                f"this meter keeps episodes of {self._episode_rows[0].ways} ways and got a {ways}-way batch; "
+                f"use one meter per way count (keep_episodes rows have a fixed width)."
+            )
 
     def _check_class_ids(self, ids: np.ndarray) -> None:
         unknown = sorted({int(c) for c in np.unique(ids)} - set(self._index))
@@ -282,11 +301,26 @@ class IoUMeter:
             "missing_classes": missing,
         }
 
+    def episode_table(self, episode_key: str | None = None) -> EpisodeCounts:
+        """The kept per-episode counts (``keep_episodes=True``), in update order; ``episode_key``
+        optionally names the episodes' identity (e.g. a digest of the episode list)."""
+        if not self.keep_episodes:
+            raise ConfigError("this meter was built without keep_episodes; build it with IoUMeter(..., keep_episodes=True).")
+        if not self._episode_rows:
+            empty = np.zeros((0, 1), dtype=np.int64)
+            return EpisodeCounts(empty, np.zeros((0, 2), np.int64), np.zeros((0, 2), np.int64), empty.astype(bool),
+                                 self.class_ids, self.empty_class, episode_key)
+        table = EpisodeCounts.concat(self._episode_rows)
+        self._episode_rows = [table]
+        return table if episode_key is None else EpisodeCounts(
+            table.classes, table.inter, table.union, table.recorded, table.class_ids, table.empty_class, episode_key)
+
     # ------------------------------------------------------------------ state / merge
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain-Python state (JSON-serialisable): settings and the summed counts."""
-        return {
+        """Plain-Python state (JSON-serialisable): settings and the summed counts (and, with
+        ``keep_episodes``, the episode rows under ``"episode_table"``)."""
+        state = {
             "version": STATE_VERSION,
             "class_ids": list(self.class_ids),
             "ignore_index": self.ignore_index,
@@ -299,10 +333,14 @@ class IoUMeter:
             "fb_union": self.fb_union.tolist(),
             "episodes": int(self.episodes),
         }
+        if self.keep_episodes:
+            state["episode_table"] = self.episode_table().to_json()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace the counts by ``state``'s (its settings must match this meter's)."""
         self._check_compatible(state, "state")
+        rows = self._state_rows(state, "state")
         n = len(self.class_ids)
         arrays = {}
         for key, size in (
@@ -319,18 +357,39 @@ class IoUMeter:
         self.fb_intersection = arrays["fb_intersection"]
         self.fb_union = arrays["fb_union"]
         self.episodes = int(state["episodes"])
+        self._episode_rows = rows
 
     def merge(self, other: "IoUMeter | Mapping[str, Any]") -> "IoUMeter":
         """Add another meter's (or state dict's) counts, e.g. from other ranks; returns self."""
         state = other.state_dict() if isinstance(other, IoUMeter) else other
         self._check_compatible(state, "merged meter")
+        rows = self._state_rows(state, "merged meter")
+        if rows:
+            self._check_ways(rows[0].ways)
         self.class_intersection += np.asarray(state["class_intersection"], dtype=np.int64)
         self.class_union += np.asarray(state["class_union"], dtype=np.int64)
         self.class_episode_count += np.asarray(state["class_episodes"], dtype=np.int64)
         self.fb_intersection += np.asarray(state["fb_intersection"], dtype=np.int64)
         self.fb_union += np.asarray(state["fb_union"], dtype=np.int64)
         self.episodes += int(state["episodes"])
+        self._episode_rows.extend(rows)
         return self
+
+    def _state_rows(self, state: Mapping[str, Any], what: str) -> list[EpisodeCounts]:
+        """The episode rows of ``state`` this meter keeps ([] when it keeps none)."""
+        if not self.keep_episodes:
+            return []
+        if "episode_table" not in state:
+            if int(state["episodes"]) == 0:
+                return []
+            raise ConfigError(f"{what} has no episode rows but this meter keeps episodes; build both with keep_episodes=True.")
+        table = EpisodeCounts.from_json(state["episode_table"], what)
+        if table.episodes != int(state["episodes"]):
+            raise ConfigError(f"{what} has {table.episodes} episode rows for {int(state['episodes'])} episodes; the state is corrupt.")
+        if list(table.class_ids) != self.class_ids:
+            raise ConfigError(f"{what}'s episode rows have class_ids {list(table.class_ids)} but this meter has {self.class_ids}.")
+        table = EpisodeCounts(table.classes, table.inter, table.union, table.recorded, self.class_ids, self.empty_class)
+        return [table] if table.episodes else []
 
     def _check_compatible(self, state: Mapping[str, Any], what: str) -> None:
         required = ("class_ids", "ignore_index", "absent_labels", "class_intersection", "class_union",

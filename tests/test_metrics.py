@@ -224,3 +224,15 @@ def test_summarize_runs_mean_and_population_std():
         summarize_runs([])
     real = summarize_runs([_meter().compute(), _meter().compute()])
     assert real["miou"] == pytest.approx(1 / 3) and real["miou_std"] == 0.0
+
+
+def test_keep_episodes_hand_counted_rows_and_unchanged_results():
+    kept = _meter(keep_episodes=True)
+    assert kept.compute() == _meter().compute()
+    assert {k: v for k, v in kept.state_dict().items() if k != "episode_table"} == _meter().state_dict()
+    table = kept.episode_table().to_json()
+    assert table["columns"] == ["class", "fg_i", "fg_u", "bg_i", "bg_u", "recorded"]
+    assert table["rows"] == [[1, 2, 4, 3, 5, 1], [1, 6, 8, 0, 2, 1], [2, 0, 4, 4, 8, 1]]  # E1, E2, E3 above
+    skipped = IoUMeter([4], absent_labels="skip", keep_episodes=True)
+    skipped.update(np.array([[1, 1, 0, 0]]), np.zeros((1, 4), dtype=np.uint8), 4)
+    assert skipped.episode_table().to_json()["rows"] == [[4, 0, 0, 2, 4, 0]]  # absent class: not recorded
