@@ -29,6 +29,7 @@ from typing import Iterable, Optional
 import typer
 
 from fss.errors import ConfigError
+from fss.models.registry import training_free_methods
 
 RESULT_COLUMNS = [
     "method", "dataset", "backbone", "shot", "fold", "miou", "fb_iou", "miou_std", "fb_iou_std",
@@ -116,8 +117,9 @@ def _with_settings(df):
                      setting=[_setting(s, c) for s, c in zip(df["shot"], df["support"])])
 
 
-#: training-free rows, shown first so that every reader sees what training adds over them
-FLOOR_METHODS = ("prototype",)
+#: training-free rows (the registry's training_free methods), shown first so that every reader
+#: sees what training adds over them
+FLOOR_METHODS = training_free_methods()
 
 
 def _floor_first(table):

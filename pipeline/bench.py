@@ -7,7 +7,8 @@ foreground rectangle, a 255 strip and, for CELP, base-class pixels) and measures
 ``--warmup`` untimed calls, ``--repeats`` timed calls of
 
 * the **training step**: ``zero_grad`` + forward (training mode, losses) + backward +
-  optimiser step (SGD, momentum 0.9, weight decay 1e-4, lr 1e-6 so the repeated steps on one
+  optimiser step (the training loss: ``--fg-weight`` is ``train.fg_weight``, passed to the
+  model's constructor as ``fss train`` does; default the config's, 1) (SGD, momentum 0.9, weight decay 1e-4, lr 1e-6 so the repeated steps on one
   batch stay finite);
 * the **evaluation step**: ``model.predict`` on the same ``--batch`` episodes in eval mode
   under ``no_grad`` (``eval_episode_s`` = that time / batch).
@@ -43,6 +44,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from fss.errors import ConfigError
+from pipeline.config_schema import TrainLoopConfig
 from pipeline.machine import machine_description
 
 BENCH_KIND = "fss-bench"
@@ -50,6 +52,8 @@ BENCH_VERSION = 1
 PRECISIONS = ("fp32", "bf16")
 #: lr of the benchmark's SGD: small, so repeated steps on one batch keep finite losses
 BENCH_LR = 1e-6
+#: the foreground weight of the loss timed when --fg-weight is not given: the training config's default
+DEFAULT_FG_WEIGHT = TrainLoopConfig().fg_weight
 
 
 # ---------------------------------------------------------------- the machine
@@ -201,13 +205,13 @@ def _autocast(precision: str, device):
 
 
 def build_bench_model(method: str, *, backbone: str, shot: int, knobs: dict, device, channels_last: bool,
-                      seed: int = 0):
+                      seed: int = 0, fg_weight: float = DEFAULT_FG_WEIGHT):
     import torch
 
     from fss.models.registry import create_model
 
     torch.manual_seed(seed)
-    model = create_model(method, backbone=backbone, shot=shot, **knobs).to(device)
+    model = create_model(method, backbone=backbone, shot=shot, fg_weight=fg_weight, **knobs).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -237,7 +241,8 @@ def make_steps(model, batch: dict, precision: str, device):
 
 
 def bench_method(method: str, *, backbone: str, size: int, batch: int, shot: int, device, precision: str,
-                 channels_last: bool, warmup: int, repeats: int, knobs: dict | None = None, seed: int = 0) -> dict:
+                 channels_last: bool, warmup: int, repeats: int, knobs: dict | None = None, seed: int = 0,
+                 fg_weight: float = DEFAULT_FG_WEIGHT) -> dict:
     """Measurements of one method at one precision (see the module docstring)."""
     import torch
 
@@ -245,7 +250,7 @@ def bench_method(method: str, *, backbone: str, size: int, batch: int, shot: int
     from fss.layout import channels_last_batch
 
     model = build_bench_model(method, backbone=backbone, shot=shot, knobs=dict(knobs or {}), device=device,
-                              channels_last=channels_last, seed=seed)
+                              channels_last=channels_last, seed=seed, fg_weight=fg_weight)
     episodes = synthetic_episodes(batch, shot, size, device, seed=seed)
     if channels_last:
         episodes = channels_last_batch(episodes)
@@ -348,6 +353,7 @@ def run_benchmark(
     matmul_size: int | None = None,
     seed: int = 0,
     say: Callable[[str], None] | None = None,
+    fg_weight: float = DEFAULT_FG_WEIGHT,
 ) -> dict:
     """Benchmark ``methods`` (default: all registered); returns the JSON report."""
     from pipeline.config import resolve_device
@@ -384,7 +390,7 @@ def run_benchmark(
             say(f"bench {name} {precision} ({backbone}, {size}x{size}, batch {batch}, {shot}-shot)")
             r = bench_method(name, backbone=backbone, size=size, batch=batch, shot=shot, device=dev,
                              precision=precision, channels_last=channels_last, warmup=warmup, repeats=repeats,
-                             knobs=_knobs_for(name, knobs), seed=seed)
+                             knobs=_knobs_for(name, knobs), seed=seed, fg_weight=fg_weight)
             r["added_as_base"] = name in added
             r["train_fraction_of_matmul_rate"] = r["train_flop_rate"] / matmul[precision]["flop_rate"]
             r["eval_fraction_of_matmul_rate"] = r["eval_flop_rate"] / matmul[precision]["flop_rate"]
@@ -411,6 +417,7 @@ def run_benchmark(
             "methods": ordered, "added_bases": added, "skipped_for_backbone": skipped, "backbone": backbone,
             "size": size, "batch": batch, "shot": shot, "device": str(dev), "precisions": precisions,
             "channels_last": channels_last, "warmup": warmup, "repeats": repeats, "knobs": knobs, "seed": seed,
+            "fg_weight": fg_weight,
             "weights": "random (timing does not depend on the values)", "optimizer": f"SGD lr {BENCH_LR} momentum 0.9 wd 1e-4",
         },
         "matmul": matmul,
@@ -499,6 +506,7 @@ def bench_command(
     warmup: int = typer.Option(1, help="Untimed calls before timing."),
     repeats: Optional[int] = typer.Option(None, help="Timed calls (the median is reported; default 3, with --data 200 per preset and role)."),
     knob: Optional[list[str]] = typer.Option(None, "--knob", help="KEY=VALUE knob override for every method that has it (e.g. pyramid_bins=[6,3,1.0]); repeatable."),
+    fg_weight: Optional[float] = typer.Option(None, "--fg-weight", help="train.fg_weight of the loss timed, as the training run's config sets it (the embedded benchmark: 3; default: the config's default, 1 = the papers' CE)."),
     threads: Optional[int] = typer.Option(None, help="torch.set_num_threads (default: torch's)."),
     matmul_size: Optional[int] = typer.Option(None, help="Side of the square matmul of the machine rate (default 2048 CPU, 8192 CUDA)."),
     data: bool = typer.Option(False, "--data", help="Time the training augmentation per image instead, ours against the references' operations (pipeline/bench_data.py); uses --preset, --batch, --shot, --warmup, --repeats, --threads (default 1), --step-rate."),
@@ -535,6 +543,7 @@ def bench_command(
         method or None, backbone=backbone, size=size, batch=batch, shot=shot, device=device,
         precisions=precision or list(PRECISIONS), channels_last=channels_last, warmup=warmup, repeats=repeats,
         knobs=_parse_knobs(knob), matmul_size=matmul_size,
+        fg_weight=DEFAULT_FG_WEIGHT if fg_weight is None else fg_weight,
         say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True),
     )
     write_json(out, report)

@@ -70,9 +70,7 @@ def learning_rate(config: RunConfig, iteration: int, total: int) -> float:
 
 
 def make_optimizer(config: RunConfig, model):
-    params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else [
-        p for p in model.parameters() if p.requires_grad
-    ]
+    params = model.trainable_parameters()
     if not params:
         raise ConfigError(f"method {config.method} has no trainable parameter with these knobs; nothing to train.")
     o = config.optim
@@ -118,7 +116,8 @@ def build_model(config: RunConfig, shot: int | None = None, with_weights: bool =
 
     return create_model(
         config.method, backbone=config.backbone, shot=shot or config.shot,
-        backbone_weights=config.backbone_weights if with_weights else None, **dict(config.knobs),
+        backbone_weights=config.backbone_weights if with_weights else None,
+        fg_weight=float(config.train.fg_weight), **dict(config.knobs),
     )
 
 
@@ -222,7 +221,6 @@ def setup(config: RunConfig, out, say: Callable[[str], None], restart_on_change:
     model = build_model(config).to(device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model.fg_weight = float(config.train.fg_weight)
     if model.training_free:  # e.g. prototype: the run directory holds the fixed model, 0 steps
         total, validate = 0, False
     optimizer = make_optimizer(config, model) if total else None
@@ -284,9 +282,7 @@ def train_step(t: Trainer, it: int, batch: dict, lr: float, stop_requested: bool
 
     for group in t.optimizer.param_groups:
         group["lr"] = lr
-    progress_hook = getattr(t.model, "set_train_progress", None)
-    if progress_hook is not None:  # methods whose loss weights follow the schedule
-        progress_hook(it / t.total)
+    t.model.set_train_progress(it / t.total)  # methods whose training follows the schedule (FSSModel)
     if t.ctx.distributed:  # per-rank training randomness keyed by (seed, rank, iteration)
         D.seed_rank_step(t.config.train.seed, t.ctx.rank, it)
     with _autocast(t.config, t.device)():

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from fss.models.registry import get_method, list_methods
 from pipeline.aggregate import _fmt
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Current results of the embedded benchmark"
-NAMES = {"prototype (floor)": "prototype", "APANet": "apanet", "CANet": "canet", "CELP": "celp",
-         "DPNet (CANet)": "dpnet_canet", "DPNet (PFENet)": "dpnet_pfenet", "PANet": "panet",
-         "PFENet": "pfenet", "SimPropNet": "simpropnet"}
+#: row name -> method: the display names of the registry (``register_method(display=...)``)
+NAMES = {get_method(m).display: m for m in list_methods()}
 METRICS = "results/metrics/synthetic-small-pfenet"
 
 

@@ -55,11 +55,15 @@ class FSSModel(nn.Module):
     """Base class: subclasses implement :meth:`forward_train` and :meth:`forward_infer`."""
 
     method_name: str = "?"
-    #: weight of foreground pixels in the segmentation CE (``train.fg_weight``, set by the
-    #: trainer; 1 = the papers' plain CE)
-    fg_weight: float = 1.0
-    #: True for a method with nothing to learn (``prototype``): ``fss train`` runs 0 steps
+    #: True for a method with nothing to learn (``prototype``): ``fss train`` runs 0 steps.
+    #: The registry's one source of the fact (``MethodSpec.training_free``).
     training_free: bool = False
+
+    def __init__(self, *, fg_weight: float) -> None:
+        """``fg_weight``: weight of foreground pixels in the segmentation CE (``train.fg_weight``,
+        passed by :func:`fss.models.registry.create_model`; 1 = the papers' plain CE)."""
+        super().__init__()
+        self.fg_weight = float(fg_weight)
 
     def segmentation_ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Segmentation cross-entropy (ignore 255) with this model's foreground weight; at 1
@@ -94,6 +98,10 @@ class FSSModel(nn.Module):
     ) -> torch.Tensor:
         """Logits ``[B, 2, H, W]`` (N-way: ``[B, N+1, H, W]``) at the query's resolution."""
         return self.forward_infer(support_images, support_masks, query_images)
+
+    def set_train_progress(self, fraction: float) -> None:
+        """Called by the training loop before every step with ``iteration / total_iterations``,
+        for methods whose training follows the schedule (SimPropNet's ICA); nothing by default."""
 
     def trainable_parameters(self):
         """Parameters the optimiser updates (frozen backbone parts excluded)."""

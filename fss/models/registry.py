@@ -13,6 +13,13 @@ one-line :class:`~fss.errors.ConfigError`::
     class APANet(PFENet): ...
 
     model = create_model("apanet", backbone="small", shot=1, lam=0.3)
+
+Every fact about a method lives here or in its module: its knobs (which of them only change
+inference, ``Knob(test_time=True)``; the narrow CPU value the tests build it with,
+``Knob(small=...)``; the paper table each reproduces), its display name in the results
+tables (``register_method(display=...)``) and whether it learns anything (the class
+attribute ``training_free``). The sweeps, the aggregate, the tests and the generated knob
+tables of docs/methods.md (``fss methods --markdown``) read them from the registry.
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ class Knob:
     ``low``/``high`` bound numbers (inclusive). ``kind`` is the Python type the value is
     coerced to (``bool``, ``int``, ``float``, ``str``, ``list``). ``table`` names the
     paper table or figure the knob reproduces; ``help`` is one line for ``fss methods``.
+    ``test_time`` marks a knob that only changes inference (no weight depends on it): a
+    sweep of it re-evaluates a trained checkpoint instead of retraining. ``small`` is the
+    value that keeps the method small enough for CPU tests (narrow heads on the small
+    backbone; None: the default is small already).
     """
 
     default: Any
@@ -42,6 +53,8 @@ class Knob:
     high: float | None = None
     table: str = ""
     item_kind: type | None = None  # element type when kind is list
+    test_time: bool = False
+    small: Any = None
 
     def describe(self) -> dict:
         out: dict[str, Any] = {"default": self.default, "type": self.kind.__name__}
@@ -53,6 +66,8 @@ class Knob:
             out["table"] = self.table
         if self.help:
             out["help"] = self.help
+        if self.test_time:
+            out["test_time"] = True
         return out
 
     def coerce(self, method: str, name: str, value: Any) -> Any:
@@ -84,13 +99,31 @@ class MethodSpec:
     builder: Callable[..., Any]
     help: str = ""
     backbones: tuple[str, ...] = field(default_factory=tuple)
+    display: str = ""  # the method's row name in the results tables (default: its name)
+
+    @property
+    def training_free(self) -> bool:
+        """True for a method with nothing to learn (the class attribute ``training_free``)."""
+        return bool(self.builder.training_free)
+
+    @property
+    def test_time_knobs(self) -> frozenset[str]:
+        """The knobs that only change inference (``Knob(test_time=True)``)."""
+        return frozenset(k for k, knob in self.knobs.items() if knob.test_time)
+
+    @property
+    def small_knobs(self) -> dict[str, Any]:
+        """The knob values that keep the method small for CPU tests (``Knob(small=...)``)."""
+        return {k: knob.small for k, knob in self.knobs.items() if knob.small is not None}
 
     def describe(self) -> dict:
         return {
             "name": self.name,
             "base": self.base,
+            "display": self.display,
             "help": self.help,
             "backbones": list(self.backbones),
+            "training_free": self.training_free,
             "knobs": {k: v.describe() for k, v in self.knobs.items()},
         }
 
@@ -105,8 +138,10 @@ def register_method(
     knobs: dict[str, Knob],
     help: str = "",
     backbones: tuple[str, ...] = (),
+    display: str = "",
 ):
-    """Class decorator adding a method to the registry under ``name``."""
+    """Class decorator adding a method to the registry under ``name`` (``display``: its row
+    name in the results tables, default ``name``)."""
 
     def deco(cls):
         if name in _REGISTRY:
@@ -119,7 +154,10 @@ def register_method(
             )
         doc = (cls.__doc__ or "").strip()
         summary = help or (doc.splitlines()[0] if doc else "")
-        _REGISTRY[name] = MethodSpec(name, base, dict(knobs), cls, summary, tuple(backbones))
+        for knob_name, knob in knobs.items():
+            if knob.small is not None:
+                knob.coerce(name, knob_name, knob.small)  # a small value out of range fails at import
+        _REGISTRY[name] = MethodSpec(name, base, dict(knobs), cls, summary, tuple(backbones), display or name)
         cls.method_name = name
         return cls
 
@@ -128,6 +166,11 @@ def register_method(
 
 def list_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def training_free_methods() -> tuple[str, ...]:
+    """The registered methods with nothing to learn (the results tables' floor rows)."""
+    return tuple(n for n in list_methods() if _REGISTRY[n].training_free)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -160,9 +203,15 @@ def create_model(
     backbone: str = "small",
     shot: int = 1,
     backbone_weights: str | None = None,
+    fg_weight: float = 1.0,
     **knobs: Any,
 ):
-    """Build method ``name`` with the given backbone, shot and knobs."""
+    """Build method ``name`` with the given backbone, shot and knobs.
+
+    ``fg_weight`` is the loss's weight of foreground pixels in the segmentation CE
+    (``train.fg_weight``; 1 = the papers' plain CE): a constructor argument of every method,
+    so that training and ``fss bench`` build the same loss.
+    """
     spec = get_method(name)
     if spec.backbones and backbone not in spec.backbones:
         raise ConfigError(
@@ -171,5 +220,8 @@ def create_model(
         )
     if not isinstance(shot, int) or shot < 1:
         raise ConfigError(f"shot must be a positive integer, got {shot!r}.")
+    if isinstance(fg_weight, bool) or not isinstance(fg_weight, (int, float)) or not fg_weight >= 0:
+        raise ConfigError(f"fg_weight must be a number >= 0 (train.fg_weight), got {fg_weight!r}.")
     resolved = resolve_knobs(name, knobs)
-    return spec.builder(backbone=backbone, shot=shot, backbone_weights=backbone_weights, **resolved)
+    return spec.builder(backbone=backbone, shot=shot, backbone_weights=backbone_weights,
+                        fg_weight=float(fg_weight), **resolved)

@@ -25,8 +25,8 @@ study (a sampler over ranges)::
     reference: {0.5: 57.9}          # optional: the paper's mean mIoU per row (shown in the table)
 
 The objective is the mean validation mIoU (``validation.seed`` episodes, never the test
-seeds) over every listed (fold, shot). Test-time-only knobs (:data:`TEST_TIME_KNOBS`) are
-swept by re-evaluating ``checkpoint``; a study may not mix them with training parameters.
+seeds) over every listed (fold, shot). Test-time-only knobs (``Knob(test_time=True)`` in the
+registry: ``fss methods``) are swept by re-evaluating ``checkpoint``; a study may not mix them with training parameters.
 """
 
 from __future__ import annotations
@@ -47,15 +47,6 @@ from fss.errors import ConfigError
 from fss.models.registry import get_method
 from pipeline.config import expand_set_key, resolve_run_config
 from fss.evaluation import make_protocol, validation_protocol
-
-#: knobs that only change inference: swept on a trained checkpoint, never retrained
-TEST_TIME_KNOBS: dict[str, frozenset[str]] = {
-    "dpnet_pfenet": frozenset({"beta_test", "multiscale", "multiscale_scales", "infer_branch"}),
-    "dpnet_canet": frozenset({"beta_test", "multiscale", "multiscale_scales", "infer_branch"}),
-    "celp": frozenset({"kshot_mode"}),
-    "canet": frozenset({"iom_iterations"}),
-    "simpropnet": frozenset({"iom_iterations"}),
-}
 
 TOP_KEYS = {
     "study": "the study name (default: the file's stem)",
@@ -400,7 +391,7 @@ def _checkpoint(path: Path, raw: Mapping[str, Any], method: str, knob_names: lis
             if full in ("method", "dataset", "fold", "shot"):
                 raise _err(path, f"params.{p.name}: '{full}' is set by the study's method/dataset/folds/shots keys.")
             swept.append(full)
-    test_time_knobs = TEST_TIME_KNOBS.get(method, frozenset())
+    test_time_knobs = get_method(method).test_time_knobs
     is_test_time = [k.startswith("knobs.") and k[6:] in test_time_knobs for k in swept]
     checkpoint = raw.get("checkpoint")
     if any(is_test_time) and not all(is_test_time):

@@ -14,14 +14,8 @@ CPU = torch.device("cpu")
 
 
 def tiny_model(method: str, seed: int = 0):
-    knobs = {}
-    spec = get_method(method)
-    if "pyramid_bins" in spec.knobs:
-        knobs["pyramid_bins"] = [6, 3, 1.0]
-    if "reduce_dim" in spec.knobs:
-        knobs["reduce_dim"] = 16
-    torch.manual_seed(seed)
-    return create_model(method, backbone="small", shot=1, **knobs)
+    torch.manual_seed(seed)  # narrow heads: the registry's small knob values
+    return create_model(method, backbone="small", shot=1, **get_method(method).small_knobs)
 
 
 def _train_losses(model, batch, bf16: bool):

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import torch
 
-#: knobs that keep each method's heads small (the backbone is the "small" one)
-SMALL_KNOBS = {"pfenet": {"reduce_dim": 16}, "apanet": {"reduce_dim": 16}, "celp": {"reduce_dim": 16}}
 CPU = torch.device("cpu")
 
 
 def small_model(method: str, shot: int = 1, seed: int = 0):
-    from fss.models.registry import create_model
+    """``method`` on the small backbone with the registry's small knob values (narrow heads)."""
+    from fss.models.registry import create_model, get_method
 
     torch.manual_seed(seed)
-    return create_model(method, backbone="small", shot=shot, **SMALL_KNOBS.get(method, {})).eval()
+    return create_model(method, backbone="small", shot=shot, **get_method(method).small_knobs).eval()
 
 
 def protocol(episodes: int = 6, size: int = 33):

@@ -11,6 +11,7 @@ import yaml
 from cache_helpers import run_cli, small_model
 from fss.models.checkpoints import save_model_file
 from fss.models.feature_cache import DISK_SUFFIX
+from fss.models.registry import get_method
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def model_and_params(tmp_path_factory, cache_synthetic_root) -> tuple[Path, Path
     folder = tmp_path_factory.mktemp("cli")
     model_file = folder / "pfenet.pt"
     save_model_file(model_file, small_model("pfenet"), method="pfenet", backbone="small", shot=1,
-                    knobs={"reduce_dim": 16}, source="test")
+                    knobs=get_method("pfenet").small_knobs, source="test")
     params = folder / "params.yaml"
     params.write_text(yaml.safe_dump({"datasets": {"synthetic": {
         "data": {"cache_images": True},

@@ -21,15 +21,13 @@ from fss.models.registry import _constructor_defaults
 from tests.models.episodes import random_episode
 
 METHODS = list_methods()
-#: narrow heads where a method has these knobs (the defaults are the papers' 256-wide ones)
-SMALL_KNOBS = {"reduce_dim": 16, "channels": 16, "pyramid_bins": [6, 3, 1.0]}
 SIZE, BATCH = 33, 2
 
 
-def _build(method: str, shot: int = 1) -> FSSModel:
-    knobs = {k: v for k, v in SMALL_KNOBS.items() if k in get_method(method).knobs}
+def _build(method: str, shot: int = 1, **extra) -> FSSModel:
+    # narrow heads: the registry's small knob values (Knob(small=...); the defaults are the papers')
     torch.manual_seed(0)
-    return create_model(method, backbone="small", shot=shot, **knobs)
+    return create_model(method, backbone="small", shot=shot, **get_method(method).small_knobs, **extra)
 
 
 def _batch(shot: int = 1, seed: int = 0) -> dict:
@@ -95,3 +93,33 @@ def test_predict_shape_and_no_training_only_branch_at_inference(method, shot):
     assert first.shape == (BATCH, 2, SIZE, SIZE) and torch.isfinite(first).all()
     assert not isinstance(through_forward, ModelOutput)
     assert torch.equal(first, again) and torch.equal(first, through_forward)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fg_weight_is_a_constructor_argument_of_the_training_loss(method):
+    # train.fg_weight reaches the model through create_model (fss train and fss bench alike)
+    plain, weighted = _build(method).train(), _build(method, fg_weight=3.0).train()
+    assert plain.fg_weight == 1.0 and weighted.fg_weight == 3.0
+    batch = _batch()
+    torch.manual_seed(1)
+    a = plain(batch).loss
+    torch.manual_seed(1)
+    b = weighted(batch).loss
+    if plain.training_free:  # nothing is trained on the floor's loss
+        return
+    assert not torch.isclose(a, b), "the training loss ignores fg_weight"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_registry_states_every_method_fact(method):
+    spec = get_method(method)
+    assert spec.display == get_method(method).describe()["display"] != ""
+    assert spec.training_free == spec.builder.training_free == _build(method).training_free
+    assert spec.test_time_knobs <= set(spec.knobs)
+    for name, value in spec.small_knobs.items():  # each small value passes its knob's validation
+        assert spec.knobs[name].coerce(method, name, value) is not None
+
+
+def test_display_names_are_distinct():
+    names = [get_method(m).display for m in METHODS]
+    assert len(set(names)) == len(names), names

@@ -458,8 +458,7 @@ def test_fg_weight_changes_the_segmentation_terms_only():
     torch.manual_seed(0)
     plain = _model().train().forward_train(_episode()).losses
     torch.manual_seed(0)
-    model = _model().train()
-    model.fg_weight = 3.0
+    model = _model(fg_weight=3.0).train()  # train.fg_weight: a constructor argument
     weighted = model.forward_train(_episode()).losses
     assert not torch.isclose(plain["seg"], weighted["seg"])
     torch.testing.assert_close(plain["dis"], weighted["dis"])

@@ -162,9 +162,9 @@ def test_training_forward_matches_reference_loops(ways, shot):
     torch.testing.assert_close(out.losses["seg"], ref_seg, rtol=1e-4, atol=1e-5)
     assert float(ref_par.detach()) > 0
     torch.testing.assert_close(out.losses["par"], torch.as_tensor(ref_par), rtol=1e-4, atol=1e-5)
-    # train.fg_weight weights the foreground of every way (torch's class-weighted CE), not PAR
-    model.fg_weight = 3.0
-    weighted = model(batch)
+    # train.fg_weight (a constructor argument) weights the foreground of every way (torch's
+    # class-weighted CE), not PAR; same seed, same weights
+    weighted = _model(ways=ways, shot=shot, fg_weight=3.0).train()(batch)
     classes = torch.tensor([1.0] + [3.0] * ways)
     ref_weighted = F.cross_entropy(ref_logits, batch["query_masks"], weight=classes, ignore_index=255)
     torch.testing.assert_close(weighted.losses["seg"], ref_weighted, rtol=1e-4, atol=1e-5)

@@ -97,7 +97,7 @@ def class_agnostic_target(query_masks: torch.Tensor) -> torch.Tensor:
     return torch.where(query_masks == 255, query_masks, 1 - query_masks)
 
 
-@register_method("apanet", base="pfenet", knobs=APANET_KNOBS, backbones=PFENET_BACKBONES)
+@register_method("apanet", base="pfenet", knobs=APANET_KNOBS, backbones=PFENET_BACKBONES, display="APANet")
 class APANet(PFENet):
     """APANet: PFENet + a training-only class-agnostic branch sharing g_phi."""
 

@@ -46,12 +46,12 @@ CANET_BACKBONES = ("resnet50", "resnet101", "resnet50v2", "resnet101v2", "small"
 
 CANET_KNOBS = {
     "channels": Knob(
-        256, int, low=4, high=2048,
+        256, int, low=4, high=2048, small=16,
         help="width of the reduced features, dense comparison, IOM and ASPP head (reference 256; "
         "the embedded synthetic benchmark uses 64)",
     ),
     "iom_iterations": Knob(
-        4, int, low=1, high=10,
+        4, int, low=1, high=10, test_time=True,
         help="decoder passes at test time, each feeding back the previous softmax (first pass: "
         "zero history); default 4 (CANet paper)",
     ),
@@ -129,7 +129,7 @@ def _split_episode(support_images: torch.Tensor, support_masks: torch.Tensor, me
     return support_images, support_masks
 
 
-@register_method("canet", base=None, knobs=CANET_KNOBS, backbones=CANET_BACKBONES)
+@register_method("canet", base=None, knobs=CANET_KNOBS, backbones=CANET_BACKBONES, display="CANet")
 class CANet(FSSModel):
     """CANet: dense comparison of a support prototype with the query + iterative optimisation."""
 
@@ -149,8 +149,9 @@ class CANet(FSSModel):
         backbone_bn_train: bool,
         channels: int,
         feature_dropout: float,
+        fg_weight: float,
     ) -> None:
-        super().__init__()
+        super().__init__(fg_weight=fg_weight)
         self.feature_channels = int(channels)
         self.feature_dropout = feature_dropout
         self.shot = shot
@@ -182,9 +183,6 @@ class CANet(FSSModel):
         if mode and not self.backbone_bn_train:
             self.backbone.eval()  # frozen backbone: BatchNorm with running statistics
         return self
-
-    def set_train_progress(self, fraction: float) -> None:
-        """Training-schedule hook (``iteration / total_iterations``); CANet has no schedule."""
 
     # ----------------------------------------------------------------- building blocks
     def backbone_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,7 +61,7 @@ CELP_KNOBS = {
     ),
     "kshot_mode": Knob(
         "avg", str, "K-shot inference: prototype+prior averaging, or K 1-shot passes voting (fg if >= v votes)",
-        choices=("avg",) + VOTE_MODES, table="Table 7",
+        choices=("avg",) + VOTE_MODES, table="Table 7", test_time=True,
     ),
     "reference_diagonal_quirk": Knob(
         False, bool,
@@ -76,7 +76,7 @@ def base_class_locations(base_masks: torch.Tensor, size) -> torch.Tensor:
     return resize_bilinear(base_masks.float()[:, None], size)[:, 0] > 0.25
 
 
-@register_method("celp", base="pfenet", knobs=CELP_KNOBS, backbones=PFENET_BACKBONES)
+@register_method("celp", base="pfenet", knobs=CELP_KNOBS, backbones=PFENET_BACKBONES, display="CELP")
 class CELP(PFENet):
     """CELP: PFENet (shared reduction) + training-only latent prototype contrastive enhancement."""
 

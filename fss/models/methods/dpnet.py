@@ -106,7 +106,7 @@ DPNET_KNOBS = {
     "beta_train": Knob(0.5, float, "discriminator threshold in training (paper 0.5)", low=0.0, high=1.0,
                        table="Fig. 5"),
     "beta_test": Knob(0.2, float, "discriminator threshold at inference only (paper 0.2; Fig. 5 sweeps "
-                      "0..0.8)", low=0.0, high=1.0, table="Fig. 5"),
+                      "0..0.8)", low=0.0, high=1.0, table="Fig. 5", test_time=True),
     "lambda1": Knob(1.0, float, "weight of the auxiliary-branch loss L_aux, Eq. 11 (paper 1.0; 0 = "
                     "no auxiliary decoder)", low=0.0, high=10.0, table="Table 5"),
     "lambda2": Knob(1.0, float, "weight of the discriminator loss L_dis, Eq. 11 (paper 1.0)",
@@ -115,12 +115,13 @@ DPNET_KNOBS = {
                          "discriminator keeps; default) or candidates (all cycle candidates)",
                          choices=("kept", "candidates")),
     "multiscale": Knob(False, bool, "multi-scale inference: average the predictions of the rescaled "
-                       "query (Table 6); default False", table="Table 6"),
+                       "query (Table 6); default False", table="Table 6", test_time=True),
     "multiscale_scales": Knob([0.7, 1.0, 1.3], list, "query scales of multi-scale inference (paper "
-                              "0.7, 1.0, 1.3)", low=0.1, high=4.0, item_kind=float, table="Table 6"),
+                              "0.7, 1.0, 1.3)", low=0.1, high=4.0, item_kind=float, table="Table 6",
+                              test_time=True),
     "infer_branch": Knob("main", str, "branch decoded at inference: main (default) or aux (fusion with "
                          "P' alone; Table 3 measures 'without CCM' this way)", choices=("main", "aux"),
-                         table="Table 3"),
+                         table="Table 3", test_time=True),
     "pim_hidden": Knob(64, int, "width of PIM's first FC layer (paper: unspecified; default 64)",
                        low=1, high=4096),
     "pim_alpha_init": Knob(0.0, float, "initial value of PIM's learnable alpha (paper: unspecified; "
@@ -132,7 +133,7 @@ DPNET_KNOBS = {
     "backbone_bn_train": Knob(False, bool, "compatibility: frozen backbone BatchNorm in train mode "
                               "(batch statistics); default False = eval mode"),
     "channels": Knob(256, int, "width of the reduced features, MSF and ASPP decoders (paper 256; the "
-                     "embedded synthetic benchmark uses 64)", low=4, high=2048),
+                     "embedded synthetic benchmark uses 64)", low=4, high=2048, small=16),
     "feature_dropout": Knob(0.5, float, "Dropout2d probability after the shared feature layer F, applied to "
                             "support and query separately (reference 0.5)", low=0.0, high=0.9),
 }
@@ -315,8 +316,9 @@ class DPNet(FSSModel):
         backbone_bn_train: bool,
         channels: int,
         feature_dropout: float,
+        fg_weight: float,
     ) -> None:
-        super().__init__()
+        super().__init__(fg_weight=fg_weight)
         self.feature_channels = int(channels)
         self.feature_dropout = feature_dropout
         name = self.method_name
@@ -372,9 +374,6 @@ class DPNet(FSSModel):
         if not self.backbone_bn_train:
             self.backbone.eval()  # frozen backbone: BatchNorm with running statistics
         return self
-
-    def set_train_progress(self, fraction: float) -> None:
-        """Training-schedule hook (``iteration / total_iterations``); DPNet has no schedule."""
 
     # ----------------------------------------------------------------- front end
     def backbone_features(self, images: torch.Tensor):
@@ -520,13 +519,15 @@ class DPNet(FSSModel):
 
 
 @register_method("dpnet_canet", base="canet", knobs=DPNET_KNOBS, backbones=DPNET_BACKBONES,
-                 help="DPNet (CCM + PIM + MSF dual prototypes), compared with CANet (Table 1, CANet metric)")
+                 display="DPNet (CANet)",
+                 help="DPNet (CCM + PIM + MSF dual prototypes), compared with CANet (Table 1, CANet metric).")
 class DPNetCANet(DPNet):
     """DPNet (dual prototypes: CCM + PIM + MSF) compared with CANet (Table 1, CANet metric)."""
 
 
 @register_method("dpnet_pfenet", base="pfenet", knobs=DPNET_KNOBS, backbones=DPNET_BACKBONES,
-                 help="DPNet, compared with PFENet: the dpnet_canet network, scored with PFENet's metric")
+                 display="DPNet (PFENet)",
+                 help="DPNet, compared with PFENet: the dpnet_canet network, scored with PFENet's metric.")
 class DPNetPFENet(DPNet):
     """DPNet (dual prototypes: CCM + PIM + MSF) compared with PFENet; same network as
     dpnet_canet (see the module docstring), scored with PFENet's metric (ignore 255)."""

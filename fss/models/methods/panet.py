@@ -118,7 +118,7 @@ def _as_n_way(support_images: torch.Tensor, support_masks: torch.Tensor, ways: i
     return support_images, support_masks
 
 
-@register_method("panet", base=None, knobs=PANET_KNOBS, backbones=PANET_BACKBONES)
+@register_method("panet", base=None, knobs=PANET_KNOBS, backbones=PANET_BACKBONES, display="PANet")
 class PANet(FSSModel):
     """PANet: cosine matching against masked-average prototypes, with prototype alignment (PAR)."""
 
@@ -134,8 +134,9 @@ class PANet(FSSModel):
         ways: int,
         bn_eval: bool,
         layers: list,
+        fg_weight: float,
     ) -> None:
-        super().__init__()
+        super().__init__(fg_weight=fg_weight)
         self.layers = chosen_stages("panet", layers)
         self.shot = shot
         self.bn_eval = bn_eval
@@ -153,9 +154,6 @@ class PANet(FSSModel):
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
-
-    def set_train_progress(self, fraction: float) -> None:
-        """Training-schedule hook (``iteration / total_iterations``); PANet has no schedule."""
 
     # ----------------------------------------------------------------- building blocks
     def encode(self, images: torch.Tensor) -> torch.Tensor:

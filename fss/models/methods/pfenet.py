@@ -62,10 +62,11 @@ PFENET_KNOBS = {
         list(PASCAL_BINS), list,
         "FEM pyramid bins: a value > 1 is an absolute side (PASCAL preset 60,30,15,8 for 473 "
         "inputs), a value <= 1 a fraction of the feature side (COCO preset 1.0,0.5,0.25,0.125)",
-        low=1e-3, high=512, item_kind=float,
+        low=1e-3, high=512, item_kind=float, small=[6, 3, 1.0],
     ),
     "aux_weight": Knob(1.0, float, "weight of the mean per-bin auxiliary CE loss (reference 1.0)", low=0.0, high=100.0),
-    "reduce_dim": Knob(256, int, "channels of the reduced mid-level features (reference 256)", low=4, high=2048),
+    "reduce_dim": Knob(256, int, "channels of the reduced mid-level features (reference 256)", low=4, high=2048,
+                       small=16),
     "feature_dropout": Knob(
         0.5, float,
         "Dropout2d probability after the query and support reductions (reference 0.5; in "
@@ -141,7 +142,7 @@ class PFENetFeatures:
         return self.priors.mean(dim=1)
 
 
-@register_method("pfenet", base=None, knobs=PFENET_KNOBS, backbones=PFENET_BACKBONES)
+@register_method("pfenet", base=None, knobs=PFENET_KNOBS, backbones=PFENET_BACKBONES, display="PFENet")
 class PFENet(FSSModel):
     """PFENet: prior mask + feature enrichment module (baseline of APANet, CELP, DPNet)."""
 
@@ -156,8 +157,9 @@ class PFENet(FSSModel):
         reduce_dim: int,
         feature_dropout: float,
         backbone_bn_train: bool,
+        fg_weight: float,
     ) -> None:
-        super().__init__()
+        super().__init__(fg_weight=fg_weight)
         self.backbone_name = backbone
         self.shot = shot
         self.pyramid_bins = parse_pyramid_bins(pyramid_bins)

@@ -31,7 +31,7 @@ PROTOTYPE_KNOBS = {
 }
 
 
-@register_method("prototype", base=None, knobs=PROTOTYPE_KNOBS,
+@register_method("prototype", base=None, knobs=PROTOTYPE_KNOBS, display="prototype (floor)",
                  backbones=("small", "resnet50v2", "resnet101v2", "vgg16bn", "resnet50", "resnet101"))
 class Prototype(FSSModel):
     """Training-free floor: cosine to masked-average fg/bg prototypes of frozen features."""
@@ -40,8 +40,8 @@ class Prototype(FSSModel):
     training_free = True
 
     def __init__(self, backbone: str = "small", shot: int = 1, backbone_weights: str | None = None, *,
-                 layers: list, scale: float) -> None:
-        super().__init__()
+                 layers: list, scale: float, fg_weight: float) -> None:
+        super().__init__(fg_weight=fg_weight)
         self.shot = shot
         self.layers = chosen_stages("prototype", layers)
         self.scale = scale
@@ -54,9 +54,6 @@ class Prototype(FSSModel):
         super().train(mode)
         self.backbone.eval()  # frozen, always in eval mode
         return self
-
-    def set_train_progress(self, fraction: float) -> None:
-        """Training-schedule hook; nothing to schedule."""
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Concatenated features of the chosen stages at the deepest chosen stage's size."""

@@ -97,7 +97,8 @@ class FBAFusion(nn.Module):
         return self.norm(self.conv3(g2) + g2)
 
 
-@register_method("simpropnet", base="canet", knobs=SIMPROPNET_KNOBS, backbones=CANET_BACKBONES)
+@register_method("simpropnet", base="canet", knobs=SIMPROPNET_KNOBS, backbones=CANET_BACKBONES,
+                 display="SimPropNet")
 class SimPropNet(CANet):
     """SimPropNet: CANet + dual prediction (DPr), FG/BG attentive fusion (FBAF), input channel averaging (ICA)."""
 
