@@ -8,6 +8,7 @@ size and where predictions are scored; mIoU and FB-IoU come from ``fss.metrics.I
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -141,6 +142,9 @@ def evaluate_model(
     ``image_cache``: a :class:`fss.data.episodes.TestImageCache` that reads and resizes each
     test image once for every episode, shot and control (identical samples; None: every time).
 
+    Every run's result has its ``episode_counts`` (:class:`fss.uncertainty.EpisodeCounts`, one
+    row per episode, keyed by :func:`episodes_key`) for bootstrap intervals and paired differences.
+
     Returns the :func:`fss.metrics.summarize_runs` summary plus ``episodes`` (per run),
     ``class_episodes`` (run 0) and ``samples`` (the first ``sample_episodes`` episodes of
     run 0, as uint8 images and label maps for the figure and W&B).
@@ -168,7 +172,8 @@ def evaluate_model(
         with torch.no_grad(), cached:
             meter = _score_run(model, batches, data, protocol, settings,
                                samples if run == 0 else None, sample_episodes)
-        results.append({**meter.compute(), "seed": protocol.seeds[run]})
+        counts = meter.episode_table(episode_key=episodes_key(episodes.specs))
+        results.append({**meter.compute(), "seed": protocol.seeds[run], "episode_counts": counts})
     summary = summarize_runs(results)
     summary["episodes"] = results[0]["episodes"]
     summary["class_episodes"] = results[0]["class_episodes"]
@@ -178,11 +183,19 @@ def evaluate_model(
     return summary
 
 
+def episodes_key(specs) -> str:
+    """A digest of an episode list (queries, classes, supports): two reports with the same key
+    scored the same episodes, so their difference can be paired episode by episode."""
+    text = ";".join(f"{s.query}:{','.join(map(str, s.class_ids))}:{'|'.join(','.join(map(str, k)) for k in s.supports)}"
+                    for s in specs)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _score_run(model, batches, data, protocol, settings: EvalSettings, samples: list | None, sample_episodes: int):
     """One run's episodes through the model into an IoUMeter (``samples`` collects pictures)."""
     device = settings.device
     layout = channels_last_images if settings.channels_last else (lambda t: t)
-    meter = IoUMeter(data.novel_classes, ignore_index=protocol.ignore_index)
+    meter = IoUMeter(data.novel_classes, ignore_index=protocol.ignore_index, keep_episodes=True)
     for batch in batches:
         with autocast(settings.precision, device):
             logits = model.predict(layout(batch["support_images"].to(device)), batch["support_masks"].to(device),

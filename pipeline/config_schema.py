@@ -138,6 +138,8 @@ class TestConfig:
     image_cache_mb: int = _opt(2048, "memory bound in MiB of the test images kept decoded, resized and normalised for every episode, shot and control of one 'fss evaluate' (identical samples; loading in the main process only); 0 = off", low=0)
     feature_cache_dir: str | None = _opt(None, "also keep evaluation features on disk here, shared between processes (unbounded); null = memory only")
     figure_episodes: int = _opt(4, "episodes drawn in the sample figure (0 = no figure)", low=0, high=32)
+    bootstrap_replicates: int = _opt(2000, "bootstrap replicates of every report's 95% mIoU interval (resampled episodes; fss.uncertainty); 0 = no interval", low=0, high=100000)
+    bootstrap_seed: int = _opt(0, "seed of the bootstrap's episode draws (fixed, so intervals are reproducible)", low=0)
 
 
 @dataclass(frozen=True)

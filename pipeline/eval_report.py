@@ -12,10 +12,17 @@ The report (``kind`` ``fss-evaluation``)::
 
     {"kind", "version", "split", "method", "dataset", "backbone", "fold", "shot", "train_shot",
      "ways", "knobs", "miou", "fb_iou", "class_iou", "episodes", "num_runs",
-     "runs": [{"seed", "miou", "fb_iou", "episodes", "class_iou", "class_episodes", "missing_classes"}],
+     "runs": [{"seed", "miou", "fb_iou", "episodes", "class_iou", "class_episodes", "missing_classes",
+               "episode_counts"}],
      "class_episodes", "protocol", "protocol_options", "checkpoint", "checkpoint_selection",
      "checkpoint_source", "run_dir", "data_root", "convention", "novel_classes", "device",
      "precision", "channels_last", "seconds"}
+
+``episode_counts`` is each run's per-episode table (``fss.uncertainty.EpisodeCounts.to_json``:
+class, foreground and background intersection and union per episode, and the episode list's
+digest), from which intervals and paired differences are computed. ``miou_interval`` is the
+95% percentile-bootstrap interval over episodes (``{"estimate", "low", "high", "std",
+"replicates", "seed", ...}``; several runs: of their mean), absent with 0 replicates.
 
 plus, when they apply: ``miou_std``/``fb_iou_std``/``class_iou_std`` (several runs),
 ``support_control`` (a control other than ``none``), ``feature_cache`` and ``image_cache``
@@ -30,9 +37,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fss.evaluation import EVAL_KIND, EvalSettings, evaluate_model
+from fss.uncertainty import DEFAULT_REPLICATES, DEFAULT_SEED, bootstrap_miou
 
-#: version of the report format (2: ``split`` in every report, one builder for every caller)
+#: version of the report format (2: ``split`` and the per-episode counts in every report, one
+#: builder for every caller, ``miou_interval``)
 EVAL_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The bootstrap of a report's mIoU interval (``test.bootstrap_replicates``, ``test.bootstrap_seed``;
+    0 replicates: no interval)."""
+
+    replicates: int = DEFAULT_REPLICATES
+    seed: int = DEFAULT_SEED
+
+    @classmethod
+    def of(cls, test) -> "Interval":
+        return cls(replicates=int(test.bootstrap_replicates), seed=int(test.bootstrap_seed))
 
 
 @dataclass(frozen=True)
@@ -74,7 +96,7 @@ def run_settings(config, device, *, shot: int | None = None, ways: int = 1, supp
 
 def score(model, info: ScoredModel, data, protocol, settings: EvalSettings, *, run_dir=None,
           sample_episodes: int = 0, track: Callable | None = None, description: str = "evaluate",
-          feature_cache=None, image_cache=None) -> tuple[dict, list]:
+          feature_cache=None, image_cache=None, interval: Interval = Interval()) -> tuple[dict, list]:
     """Score ``model`` on ``data`` under ``protocol`` and ``settings``; (report, sample episodes)."""
     cache_before = feature_cache.stats.as_dict() if feature_cache is not None else None
     images_before = image_cache.stats() if image_cache is not None else None
@@ -82,7 +104,7 @@ def score(model, info: ScoredModel, data, protocol, settings: EvalSettings, *, r
     result = evaluate_model(model, data, protocol, settings, sample_episodes=sample_episodes, track=track,
                             description=description, feature_cache=feature_cache, image_cache=image_cache)
     report = build_report(result, info, data, protocol, settings, run_dir=run_dir,
-                          seconds=time.monotonic() - start)
+                          seconds=time.monotonic() - start, interval=interval)
     if feature_cache is not None:
         report["feature_cache"] = {k: v - cache_before[k] for k, v in feature_cache.stats.as_dict().items()}
     if image_cache is not None:  # each test image read and resized once: misses = distinct images
@@ -96,7 +118,7 @@ def _ids(mapping: dict) -> dict:
 
 
 def build_report(result: dict, info: ScoredModel, data, protocol, settings: EvalSettings, *, run_dir=None,
-                 seconds: float = 0.0) -> dict:
+                 seconds: float = 0.0, interval: Interval = Interval()) -> dict:
     """The evaluation report (module docstring) of ``evaluate_model``'s ``result``."""
     report: dict[str, Any] = {
         "kind": EVAL_KIND, "version": EVAL_VERSION, "split": data.split,
@@ -107,7 +129,7 @@ def build_report(result: dict, info: ScoredModel, data, protocol, settings: Eval
         "runs": [
             {"seed": r["seed"], "miou": r["miou"], "fb_iou": r["fb_iou"], "episodes": r["episodes"],
              "class_iou": _ids(r["class_iou"]), "class_episodes": _ids(r["class_episodes"]),
-             "missing_classes": r.get("missing_classes", [])}
+             "missing_classes": r.get("missing_classes", []), "episode_counts": r["episode_counts"].to_json()}
             for r in result["runs"]
         ],
         "class_episodes": _ids(result["class_episodes"]),
@@ -118,6 +140,9 @@ def build_report(result: dict, info: ScoredModel, data, protocol, settings: Eval
         "device": str(settings.device), "precision": settings.precision, "channels_last": settings.channels_last,
         "seconds": round(seconds, 3),
     }
+    if interval.replicates > 0:
+        report["miou_interval"] = bootstrap_miou([r["episode_counts"] for r in result["runs"]],
+                                                 replicates=interval.replicates, seed=interval.seed).to_json()
     if "support_control" in result:  # absent for the default "none": those reports are unchanged
         report["support_control"] = result["support_control"]
     if len(result["runs"]) > 1:
@@ -130,9 +155,12 @@ def build_report(result: dict, info: ScoredModel, data, protocol, settings: Eval
 
 def small_metrics(report: dict) -> dict:
     """The few numbers of a table row (DVC metrics): mIoU and FB-IoU as fractions, method, fold,
-    shot and episode count, plus the standard deviations over runs when there are several."""
+    shot and episode count, the mIoU interval's ends, plus the standard deviations over runs when
+    there are several."""
     keys = ("method", "fold", "shot", "episodes", "miou", "fb_iou", "miou_std", "fb_iou_std")
     small = {k: report[k] for k in keys if k in report}
+    if "miou_interval" in report:
+        small["miou_low"], small["miou_high"] = report["miou_interval"]["low"], report["miou_interval"]["high"]
     if "support_control" in report:
         small["support_control"] = report["support_control"]["name"]
     return small

@@ -55,7 +55,7 @@ from pipeline.config import (
     tracking_defaults,
 )
 from pipeline.console import console, track
-from pipeline.eval_report import ScoredModel, metrics_path, run_settings, score, small_metrics
+from pipeline.eval_report import Interval, ScoredModel, metrics_path, run_settings, score, small_metrics
 from pipeline.figures import episode_figure
 from pipeline.runs import RunDir, write_json
 from pipeline.tracking import Tracker, log_evaluation, model_artifact_name, run_name
@@ -101,6 +101,7 @@ class Evaluation:
     allow_dataset_mismatch: bool = False
     feature_cache: Any = None
     image_cache: Any = None
+    interval: Interval = Interval()
     track: Callable | None = None
     say: Callable[[str], None] = lambda m: None
 
@@ -125,7 +126,7 @@ def evaluate_one(ev: Evaluation, model_path: Path, selection: str, settings: Eva
     report, samples = score(
         model.to(settings.device), info, ev.data, ev.protocol, settings, run_dir=ev.run_dir,
         sample_episodes=n_samples, track=ev.track, description=f"evaluate {info.method} fold {fold} {settings.shot}-shot",
-        feature_cache=ev.feature_cache, image_cache=ev.image_cache,
+        feature_cache=ev.feature_cache, image_cache=ev.image_cache, interval=ev.interval,
     )
     if figure is not None and ev.figure_episodes > 0 and samples:
         title = (f"{info.method} {dataset} fold {fold} {settings.shot}-shot ({ev.protocol.name}): "
@@ -275,13 +276,24 @@ def _make_image_cache(test_cfg, workers: int) -> TestImageCache | None:
     return TestImageCache(test_cfg.image_cache_mb) if test_cfg.image_cache_mb > 0 and workers == 0 else None
 
 
+def _spread(report: dict) -> str:
+    """`` [low, high]`` of the 95% interval and, with several runs, `` (std over runs s)``."""
+    text = ""
+    if "miou_interval" in report:
+        iv = report["miou_interval"]
+        text += f" [95% {100 * iv['low']:.2f}, {100 * iv['high']:.2f}]"
+    if report["num_runs"] > 1:
+        text += f" (std over runs {100 * report['miou_std']:.2f})"
+    return text
+
+
 def _announce(report: dict, control: str, protocol: str, out: Path) -> dict:
     """Print one evaluation's line; returns its entry of the command's JSON output."""
     console.print(
         f"[green]{report['method']}[/green] fold {report['fold']} {report['shot']}-shot"
         f"{'' if control == 'none' else f', {control} support'} ({protocol}, {report['episodes']} episodes"
         f"{', %d runs' % report['num_runs'] if report['num_runs'] > 1 else ''}): "
-        f"mIoU {100 * report['miou']:.2f}  FB-IoU {100 * report['fb_iou']:.2f} -> {out}",
+        f"mIoU {100 * report['miou']:.2f}{_spread(report)}  FB-IoU {100 * report['fb_iou']:.2f} -> {out}",
         highlight=False, soft_wrap=True,
     )
     return ({k: v for k, v in small_metrics(report).items() if k != "fb_iou_std"}
@@ -293,7 +305,8 @@ FOLD_OPTIONS = {"shot": "--shot", "protocol": "--protocol", "episodes": "--episo
                 "size": "--size", "out": "--out", "figure": "--figure", "checkpoint": "--checkpoint", "ways": "--ways",
                 "support_control": "--support-control", "device": "--device", "batch_size": "--batch-size",
                 "num_workers": "--num-workers", "params": "--params", "feature_cache_dir": "--feature-cache-dir",
-                "feature_cache_mb": "--feature-cache-mb", "wandb": "--wandb", "feature_cache": "--feature-cache"}
+                "feature_cache_mb": "--feature-cache-mb", "wandb": "--wandb", "feature_cache": "--feature-cache",
+                "bootstrap_replicates": "--bootstrap-replicates", "bootstrap_seed": "--bootstrap-seed"}
 
 
 def fold_evaluate_args(runs: list[Path], options: dict) -> list[str]:
@@ -374,6 +387,11 @@ def evaluate_command(
              "trials (default: test.feature_cache_dir, none; not size-bounded)."),
     feature_cache_mb: Optional[int] = typer.Option(
         None, "--feature-cache-mb", help="Memory bound of the feature cache in MiB (default: test.feature_cache_mb, 2048)."),
+    bootstrap_replicates: Optional[int] = typer.Option(
+        None, "--bootstrap-replicates", min=0, help="Bootstrap replicates of the 95% mIoU interval (resampled episodes; 0 = none; "
+                                             "default: test.bootstrap_replicates, 2000)."),
+    bootstrap_seed: Optional[int] = typer.Option(None, "--bootstrap-seed", min=0, help="Seed of the bootstrap (default: "
+                                                 "test.bootstrap_seed, 0)."),
     slots: Optional[str] = typer.Option(None, help="With several --run: runs at once on this machine: auto (one per GPU, "
                                         "or one per CPU core) or N (default: params benchmark.slots, auto)."),
     engine: Optional[str] = typer.Option(None, help="With several --run: local (processes on this machine's slots) or "
@@ -408,7 +426,10 @@ def evaluate_command(
     ev = Evaluation(data=data, protocol=proto, tracking=tracking, run_dir=run, group_shot=src.group_shot,
                     figure_episodes=src.test.figure_episodes, allow_dataset_mismatch=allow_dataset_mismatch,
                     feature_cache=_make_feature_cache(src.test, feature_cache, feature_cache_dir, feature_cache_mb),
-                    image_cache=_make_image_cache(src.test, src.workers), track=track, say=say)
+                    image_cache=_make_image_cache(src.test, src.workers), track=track, say=say,
+                    interval=Interval(replicates=src.test.bootstrap_replicates if bootstrap_replicates is None
+                                      else bootstrap_replicates,
+                                      seed=src.test.bootstrap_seed if bootstrap_seed is None else bootstrap_seed))
     reports = []
     for control, k in ((c, k) for c in support_control for k in shot):
         out_k, fig_k = _output_paths(out, figure, run, model, name, k, control)

@@ -42,7 +42,7 @@ from fss.schedule import poly_lr
 
 from pipeline import distributed as D
 from pipeline.config import RunConfig, bf16_cpu_warning
-from pipeline.eval_report import ScoredModel, run_settings, score
+from pipeline.eval_report import Interval, ScoredModel, run_settings, score
 from pipeline.train_data import EpochBatches, build_training_episodes, open_split
 
 TrackFn = Callable[..., Any]
@@ -328,7 +328,7 @@ def validate(t: Trainer, state: TrainState, epoch: int, on_validation: Callable[
     config, iteration = t.config, state.iteration
     with R.rng_preserved():  # validation must not change the training randomness (bit-identical resume)
         result, _ = score(t.model, ScoredModel.from_config(config, selection=f"iteration {iteration}"), t.val_data,
-                          t.val_protocol, run_settings(config, t.device))
+                          t.val_protocol, run_settings(config, t.device), interval=Interval.of(config.test))
     R.write_json(t.run.file(R.VAL_REPORT), result)  # the latest check's report (the evaluation report's fields)
     t.model.train()
     t.val_log.append({"iteration": iteration, "epoch": epoch, "val_miou": result["miou"],

@@ -22,7 +22,7 @@ from pipeline import parallel as P
 from pipeline import runs as R
 from pipeline.config import resolve_device
 from pipeline.console import console
-from pipeline.eval_report import ScoredModel, run_settings, score
+from pipeline.eval_report import Interval, ScoredModel, run_settings, score
 from pipeline.runs import read_json, write_json
 from pipeline.sweep.queueing import (
     Heartbeat,
@@ -76,7 +76,8 @@ def evaluate_on_validation(config, model_path: Path, shot: int, out: Path, knob_
     device = resolve_device(config.train.device)
     data = open_split(config, config.validation.split)
     report, _ = score(model.to(device), ScoredModel.from_meta(meta, model_path, "trial"), data,
-                      validation_protocol(config), run_settings(config, device, shot=int(shot)))
+                      validation_protocol(config), run_settings(config, device, shot=int(shot)),
+                      interval=Interval.of(config.test))
     write_json(out, report)
     return float(read_json(out, "evaluation")["miou"])
 
