@@ -351,36 +351,3 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-# ---------------------------------------------------------------- what ranks other than 0 write: nothing
-
-
-class NullLog:
-    """Stands in for :class:`pipeline.runs.CsvLog` on ranks other than 0."""
-
-    def truncate_after(self, iteration: int) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
-
-    def append(self, row) -> None:
-        pass
-
-
-def rank_run_dir(out, ctx: DistContext):
-    """Rank 0: the run directory; other ranks: the same paths with a silent ``log``.
-
-    Other ranks never prepare, read or write the directory (it may live on another machine).
-    """
-    from pipeline.runs import RunDir
-
-    if ctx.is_main:
-        return RunDir(out)
-
-    class FollowerRunDir(RunDir):
-        def log(self, message: str) -> None:
-            pass
-
-    return FollowerRunDir(out)
