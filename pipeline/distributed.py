@@ -22,7 +22,7 @@
   compatibility knobs) normalise with the statistics of the global batch
   (:class:`GlobalBatchNorm2d`, ``train.sync_batchnorm``), as one process would;
 * files: rank 0 alone writes the run directory (checkpoints, logs, curves, W&B, metrics)
-  and validates; the others need neither the run directory nor a shared file system: the
+  and validates (that work lives in :class:`pipeline.loop.MainProcess`); the others need neither the run directory nor a shared file system: the
   resume checkpoint is read by rank 0 and broadcast (:func:`broadcast_object`); saved
   weights never carry DDP's ``module.`` prefix.
 """
