@@ -10,6 +10,7 @@ only the merged layers decide a run's value.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -17,10 +18,11 @@ from fss.coerce import coerce_value
 from fss.data.classes import DATASETS
 from fss.errors import ConfigError
 from fss.models.registry import get_method, list_methods
-from pipeline.config_schema import SECTIONS, section_keys
+
+from pipeline.config_schema import SECTIONS, PretrainConfig, build_section, section_keys
 
 #: top-level sections of params.yaml, and the keys of those read outside the run config
-#: (``benchmark`` and ``prepare`` by dvc.yaml; ``pretrain`` by :func:`resolve_params_section`)
+#: (``benchmark`` and ``prepare`` by dvc.yaml; ``pretrain`` by :func:`resolve_pretrain_config`)
 PARAMS_SECTIONS = ("benchmark", "prepare", "pretrain", "cluster", "defaults", "methods", "datasets")
 BENCHMARK_KEYS = ("dataset", "root", "backbone", "weights", "methods", "folds", "pretrain_backbones",
                   "pretrain_base_classes", "sweeps", "train_shot", "protocol", "device", "slots", "engine")
@@ -36,6 +38,8 @@ CLUSTER_DEFAULTS: dict[str, Any] = {
     "mem_gb": 32,
     "time_minutes": 1440,
 }
+#: keys of section ``pretrain`` (:class:`pipeline.config_schema.PretrainConfig`)
+PRETRAIN_KEYS = tuple(f.name for f in dataclasses.fields(PretrainConfig))
 #: keys of one run-config layer (defaults, methods.M, datasets.D, methods.M.datasets.D)
 LAYER_KEYS = ("backbone", "backbone_weights", "knobs", *SECTIONS)
 
@@ -81,6 +85,7 @@ def check_params(params: Mapping[str, Any], path: Path | None = None) -> None:
     _refuse_unknown(_mapping(params.get("benchmark"), "benchmark", path), BENCHMARK_KEYS, "benchmark", "key", path)
     _refuse_unknown(_mapping(params.get("prepare"), "prepare", path), PREPARE_KEYS, "prepare", "key", path)
     _refuse_unknown(_mapping(params.get("cluster"), "cluster", path), CLUSTER_DEFAULTS, "cluster", "key", path)
+    _refuse_unknown(_mapping(params.get("pretrain"), "pretrain", path), PRETRAIN_KEYS, "pretrain", "key", path)
     every_knob = {k for m in list_methods() for k in get_method(m).knobs}
     _check_layer(params.get("defaults"), "defaults", every_knob, path, nested=False)
     methods = _mapping(params.get("methods"), "methods", path)
@@ -113,3 +118,11 @@ def resolve_params_section(
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     merged = {**defaults, **section, **given}
     return {k: coerce_value(f"params key {name}.{k}", v, type(defaults[k])) for k, v in merged.items()}
+
+
+def resolve_pretrain_config(params: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> PretrainConfig:
+    """``fss pretrain``'s configuration: :class:`PretrainConfig`'s defaults < ``params["pretrain"]`` <
+    ``overrides`` (None counts as not given: unset CLI options), every key and value checked."""
+    section = _mapping(params.get("pretrain"), "pretrain", None)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return build_section("pretrain", {**section, **given}, PretrainConfig)

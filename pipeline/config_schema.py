@@ -153,6 +153,51 @@ class TrackingConfig:
     images: int = _opt(4, "sample predictions logged as W&B images per evaluation", low=0, high=32)
 
 
+PRETRAIN_SOURCES = ("objects", "pool_classes", "base_classes")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """``fss pretrain`` (params section ``pretrain``): the one set of pretraining defaults.
+
+    The defaults are the embedded benchmark's values (params.yaml's ``pretrain`` section);
+    each CLI option of ``fss pretrain`` defaults to None = this section's value.
+    """
+
+    source: str = _opt("objects", "objects (a pool of shapes no class has, one object label), pool_classes "
+                       "(the pool's 20 classes) or base_classes (one fold's base classes)", choices=PRETRAIN_SOURCES)
+    backbone: str = _opt("small", "backbone to pretrain")
+    images: int = _opt(1600, "objects, pool_classes: pool images", low=1)
+    image_size: int = _opt(48, "objects, pool_classes: nominal side of a pool image", low=32)
+    epochs: int = _opt(16, "passes over the pretraining images", low=1)
+    batch_size: int = _opt(16, "images per SGD step", low=1)
+    lr: float = _opt(0.05, "base learning rate of the poly schedule (> 0)", low=0.0)
+    weight_decay: float = _opt(1e-4, "SGD weight decay", low=0.0)
+    momentum: float = _opt(0.9, "SGD momentum", low=0.0, high=1.0)
+    power: float = _opt(0.9, "poly schedule: lr = base * (1 - it/total)^power", low=0.0)
+    size: int = _opt(49, "training image side", low=17)
+    seed: int = _opt(0, "seed of the pool, of the model's initial weights and of the data order and flips", low=0)
+    channels_last: bool = _opt(True, "model and images in channels-last memory format (same arithmetic up to "
+                               "rounding, faster for these tiny maps)")
+    dataset: str = _opt("synthetic", "base_classes: dataset of the prepared directory")
+    root: str = _opt("data/synthetic", "base_classes: prepared dataset directory")
+    convention: str | None = _opt(None, "base_classes: fold convention; null = the dataset's")
+    device: str = _opt("auto", "auto (cuda if available), cpu or cuda", choices=DEVICES)
+    log_every: int = _opt(10, "iterations per row of the run directory's curves.csv", low=1)
+    checkpoint_minutes: float = _opt(5.0, "write the resume checkpoint after this many minutes of work", low=0.0)
+    checkpoint_every: int = _opt(0, "also write it every N iterations (0 = only by time and at the end)", low=0)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+#: pretrain keys that may differ between a pretraining run directory and a resuming command
+PRETRAIN_OPERATIONAL_KEYS = ("device", "log_every", "checkpoint_minutes", "checkpoint_every")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "optim": OptimConfig,
@@ -280,9 +325,10 @@ def _coerce_field(section: str, f: dataclasses.Field, tp: Any, value: Any) -> An
     )
 
 
-def build_section(name: str, values: Mapping[str, Any] | None):
-    """Instantiate section ``name`` from a mapping, checking keys, types and ranges."""
-    cls = SECTIONS[name]
+def build_section(name: str, values: Mapping[str, Any] | None, cls: type | None = None):
+    """Instantiate section ``name`` (class ``cls``, default ``SECTIONS[name]``) from a mapping,
+    checking keys, types and ranges."""
+    cls = cls or SECTIONS[name]
     values = dict(values or {})
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))

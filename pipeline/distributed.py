@@ -22,7 +22,7 @@
   compatibility knobs) normalise with the statistics of the global batch
   (:class:`GlobalBatchNorm2d`, ``train.sync_batchnorm``), as one process would;
 * files: rank 0 alone writes the run directory (checkpoints, logs, curves, W&B, metrics)
-  and validates; the others need neither the run directory nor a shared file system: the
+  and validates (that work lives in :class:`pipeline.loop.MainProcess`); the others need neither the run directory nor a shared file system: the
   resume checkpoint is read by rank 0 and broadcast (:func:`broadcast_object`); saved
   weights never carry DDP's ``module.`` prefix.
 """
@@ -351,36 +351,3 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-# ---------------------------------------------------------------- what ranks other than 0 write: nothing
-
-
-class NullLog:
-    """Stands in for :class:`pipeline.runs.CsvLog` on ranks other than 0."""
-
-    def truncate_after(self, iteration: int) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
-
-    def append(self, row) -> None:
-        pass
-
-
-def rank_run_dir(out, ctx: DistContext):
-    """Rank 0: the run directory; other ranks: the same paths with a silent ``log``.
-
-    Other ranks never prepare, read or write the directory (it may live on another machine).
-    """
-    from pipeline.runs import RunDir
-
-    if ctx.is_main:
-        return RunDir(out)
-
-    class FollowerRunDir(RunDir):
-        def log(self, message: str) -> None:
-            pass
-
-    return FollowerRunDir(out)

@@ -82,18 +82,23 @@ def _fixed_stages() -> dict[str, dict]:
         },
         # the small backbone, pretrained once for every fold on a separate pool of synthetic
         # objects (no benchmark image or class; the role of ImageNet); params pretrain.source
+        # (its run directory, outside pretrained/, is kept: a killed stage resumes, other inputs restart)
         "pretrain": {"foreach": "${benchmark.pretrain_backbones}", "do": {
-            "cmd": "fss pretrain --backbone ${item} --device ${benchmark.device} --out pretrained/${item}-objects.pt",
+            "cmd": ("fss pretrain --backbone ${item} --device ${benchmark.device} --run-dir runs/pretrain/${item}-objects"
+                    " --out pretrained/${item}-objects.pt"),
             "deps": stage_code("pretrain"), "params": ["pretrain"],
-            "outs": ["pretrained/${item}-objects.pt", "pretrained/${item}-objects.json"]}},
+            "outs": ["pretrained/${item}-objects.pt", "pretrained/${item}-objects.json",
+                     {"runs/pretrain/${item}-objects": {"persist": True}}]}},
         # per-fold alternative: pretrained on one fold's base classes (benchmark.pretrain_base_classes)
         "pretrain_base": {"matrix": {"backbone": "${benchmark.pretrain_base_classes}", "fold": "${benchmark.folds}"}, **{
             "cmd": ("fss pretrain --source base_classes --fold ${item.fold} --dataset ${benchmark.dataset}"
                     " --root ${benchmark.root} --backbone ${item.backbone} --device ${benchmark.device}"
+                    " --run-dir runs/pretrain/${item.backbone}-base-fold${item.fold}"
                     " --out pretrained/${item.backbone}-base-fold${item.fold}.pt"),
             "deps": [*stage_code("pretrain"), "${benchmark.root}"], "params": ["pretrain"],
             "outs": ["pretrained/${item.backbone}-base-fold${item.fold}.pt",
-                     "pretrained/${item.backbone}-base-fold${item.fold}.json"]}},
+                     "pretrained/${item.backbone}-base-fold${item.fold}.json",
+                     {"runs/pretrain/${item.backbone}-base-fold${item.fold}": {"persist": True}}]}},
     }
 
 

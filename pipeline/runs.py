@@ -380,8 +380,10 @@ class rng_preserved:
 
 def save_checkpoint(path: str | os.PathLike, *, config: RunConfig, iteration: int, total_iterations: int,
                     model, optimizer, scheduler_state: Mapping[str, Any],
-                    best: Mapping[str, Any], window: Mapping[str, Any], elapsed_s: float) -> None:
-    """Write the resume state atomically (a temporary file renamed over the old one)."""
+                    best: Mapping[str, Any], window: Mapping[str, Any], elapsed_s: float,
+                    extra: Mapping[str, Any] | None = None) -> None:
+    """Write the resume state atomically (a temporary file renamed over the old one); ``extra``:
+    what else the task keeps (JSON; pretraining's losses)."""
     from fss.models.checkpoints import atomic_torch_save
 
     blob = {
@@ -396,6 +398,7 @@ def save_checkpoint(path: str | os.PathLike, *, config: RunConfig, iteration: in
         "rng": capture_rng_state(),
         "best_json": json.dumps(dict(best)),
         "window_json": json.dumps(dict(window)),
+        "extra_json": json.dumps(dict(extra or {})),
         "elapsed_s": float(elapsed_s),
         "saved_at": time.time(),
     }
@@ -438,6 +441,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         blob["config"] = json.loads(blob["config_json"])
         blob["best"] = json.loads(blob["best_json"])
         blob["window"] = json.loads(blob["window_json"])
+        blob["extra"] = json.loads(blob.get("extra_json", "{}"))  # absent in checkpoints older than pretraining's
     except (TypeError, json.JSONDecodeError):
         raise CheckpointError(f"training checkpoint {path} has unreadable metadata; remove it to restart the run.") from None
     return blob

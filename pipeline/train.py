@@ -27,9 +27,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +39,7 @@ from fss.layout import channels_last_batch
 from fss.schedule import poly_lr
 
 from pipeline import distributed as D
+from pipeline import loop as L
 from pipeline.config import RunConfig, bf16_cpu_warning
 from pipeline.eval_report import Interval, ScoredModel, run_settings, score
 from pipeline.train_data import EpochBatches, build_training_episodes, open_split
@@ -82,33 +81,7 @@ def make_optimizer(config: RunConfig, model):
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-# ---------------------------------------------------------------- the loop
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and exits."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
+# ---------------------------------------------------------------- the run
 
 
 def build_model(config: RunConfig, shot: int | None = None, with_weights: bool = True):
@@ -151,12 +124,12 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class Trainer:
-    """What the loop works with, built once by :func:`setup` (the train state is separate)."""
+    """What the loop works with, built once by :func:`setup` (the train state is separate); the
+    task of :func:`pipeline.loop.run_steps` (learning rate, step, logging and validation, checkpoint)."""
 
     config: RunConfig
     out: str | os.PathLike
-    run: Any  # pipeline.runs.RunDir; rank > 0 gets a stand-in that writes nothing
-    ctx: Any  # pipeline.distributed.DistContext
+    main: L.MainProcess  # rank 0's run directory, logs and messages (stand-ins on the other ranks)
     device: Any
     deterministic: bool
     dataset: Any
@@ -170,36 +143,52 @@ class Trainer:
     val_protocol: Any
     net: Any = None  # the module called in training (DDP under torchrun), wrapped once resumed
     tracker: Any = None
-    say: Callable[[str], None] = lambda m: None
+    on_validation: Callable[[int, float], None] | None = None
 
+    @property
+    def run(self):  # pipeline.runs.RunDir; rank > 0 gets a stand-in that writes nothing
+        return self.main.run
 
-@dataclass
-class TrainState:
-    """Everything of a run's progress that a checkpoint holds besides weights, optimiser and RNGs."""
+    @property
+    def ctx(self):  # pipeline.distributed.DistContext
+        return self.main.ctx
 
-    iteration: int = 0
-    best: dict = field(default_factory=lambda: {"miou": None, "iteration": None})
-    window: dict = field(default_factory=dict)  # loss sums since the last curves.csv row
-    elapsed_before: float = 0.0  # seconds trained before this process resumed the run
-    clock: float = field(default_factory=time.monotonic)
-    last_checkpoint: float = field(default_factory=time.monotonic)
+    def say(self, message: str) -> None:
+        self.main.say(message)
 
-    def elapsed(self) -> float:
-        return self.elapsed_before + (time.monotonic() - self.clock)
+    def learning_rate(self, it: int) -> float:
+        return learning_rate(self.config, it, self.total)
+
+    def step(self, it: int, batch: dict, lr: float, stop_requested: bool) -> tuple[dict, bool]:
+        if self.config.train.channels_last:
+            batch = channels_last_batch(batch)
+        return train_step(self, it, batch, lr, stop_requested)
+
+    def after_step(self, state: L.LoopState, epoch: int, lr: float, losses: dict) -> None:
+        """The curves.csv window, then validation (rank 0 validates, the other ranks wait for it)."""
+        log_losses(self, state, epoch, lr, losses)
+        every, done = self.config.validation.every, state.iteration
+        if self.val_data is not None and ((every and done % every == 0) or done == self.total):
+            self.main.only(validate, self, state, epoch, self.on_validation)
+
+    def save_checkpoint(self, state: L.LoopState) -> None:
+        last_lr = learning_rate(self.config, max(state.iteration - 1, 0), self.total)
+        L.save_state(self.run.checkpoint_file, config=self.config, state=state, total=self.total, model=self.model,
+                     optimizer=self.optimizer, scheduler_state={"name": self.config.schedule.name, "last_lr": last_lr})
 
 
 def setup(config: RunConfig, out, say: Callable[[str], None], restart_on_change: bool = False) -> Trainer:
     """Processes, determinism, data, model and optimiser of a run (nothing read from a checkpoint yet)."""
     from pipeline import runs as R
 
-    # torchrun: one process per device; rank 0 alone touches the run directory (see pipeline.distributed)
+    # torchrun: one process per device; rank 0 alone touches the run directory (pipeline.loop.MainProcess)
     D.per_rank_batch_size(config.train.batch_size, D.launched_world_size())  # before any rank waits for another
     ctx, device = D.setup_distributed(config.train.device, config.train.dist_backend, config.train.dist_timeout_minutes)
     D.per_rank_batch_size(config.train.batch_size, ctx.world_size)
-    say = say if ctx.is_main else (lambda m: None)
-    run = D.rank_run_dir(out, ctx)
+    main = L.MainProcess(ctx, out, say)
+    say = main.say
     # a rerun must match the saved config (operational keys aside), or start afresh with restart_on_change
-    D.on_main(lambda: run.prepare(config, restart_on_change=restart_on_change, say=say), ctx)
+    main.shared(lambda: main.run.prepare(config, restart_on_change=restart_on_change, say=say))
     deterministic = set_determinism(config, device)
     warning = bf16_cpu_warning(config.train.precision, device)
     if warning:
@@ -229,46 +218,25 @@ def setup(config: RunConfig, out, say: Callable[[str], None], restart_on_change:
     if ctx.distributed:
         say(f"torchrun: {ctx.world_size} processes ({ctx.backend}), {bs // ctx.world_size} episodes each per step of {bs}")
     return Trainer(
-        config=config, out=out, run=run, ctx=ctx, device=device, deterministic=deterministic, dataset=dataset,
+        config=config, out=out, main=main, device=device, deterministic=deterministic, dataset=dataset,
         per_epoch=per_epoch, total=total, model=model, optimizer=optimizer,
-        curves=R.CsvLog(run.file(R.CURVES_FILE), ("iteration", "epoch", "lr")) if ctx.is_main else D.NullLog(),
-        val_log=R.CsvLog(run.file(R.VAL_FILE), ("iteration", "epoch")) if ctx.is_main else D.NullLog(),
+        curves=main.csv_log(R.CURVES_FILE, ("iteration", "epoch", "lr")),
+        val_log=main.csv_log(R.VAL_FILE, ("iteration", "epoch")),
         val_data=open_split(config, config.validation.split) if validate else None,
-        val_protocol=validation_protocol(config) if validate else None, say=say,
+        val_protocol=validation_protocol(config) if validate else None,
     )
 
 
-def resume_or_start(t: Trainer) -> TrainState:
+def resume_or_start(t: Trainer) -> L.LoopState:
     """The state of ``checkpoint.pt`` when the run directory has one (model, optimiser and RNGs
     loaded from it), else a fresh state with emptied logs (detectron2's ``resume_or_load``)."""
-    from pipeline import runs as R
-
-    def read_checkpoint():
-        if not t.run.checkpoint_file.is_file():
-            return None
-        blob = R.load_checkpoint(t.run.checkpoint_file)
-        R.checkpoint_matches_model(blob, t.model, t.run.checkpoint_file)
-        if blob["total_iterations"] != t.total:
-            raise ConfigError(
-                f"{t.run.checkpoint_file} was written for {blob['total_iterations']} iterations, this run has {t.total}; choose a new --out."
-            )
-        return blob
-
     config = t.config
-    blob = D.on_main(read_checkpoint, t.ctx)  # torchrun: every rank resumes from rank 0's checkpoint
-    if blob is None:
+    state = L.resume(t.main, t.model, t.optimizer, t.total)  # torchrun: every rank resumes from rank 0's checkpoint
+    if state is None:
         t.curves.reset()
         t.val_log.reset()
         t.run.log(f"started: {config.method} {config.dataset} fold {config.fold} {config.shot}-shot, {t.total} iterations")
-        return TrainState()
-    t.model.load_state_dict(blob["model"])
-    try:
-        t.optimizer.load_state_dict(blob["optimizer"])
-    except (ValueError, KeyError, RuntimeError):
-        raise ConfigError(f"{t.run.checkpoint_file} holds an optimiser state that does not fit; choose a new --out.") from None
-    R.restore_rng_state(blob["rng"])
-    state = TrainState(iteration=int(blob["iteration"]), best=blob["best"], window=blob["window"],
-                       elapsed_before=float(blob.get("elapsed_s", 0.0)))
+        return L.LoopState()
     # rows a killed run logged after its last checkpoint are logged again by this one
     t.curves.truncate_after(state.iteration)
     t.val_log.truncate_after(state.iteration)
@@ -302,25 +270,16 @@ def train_step(t: Trainer, it: int, batch: dict, lr: float, stop_requested: bool
     return losses, stopping
 
 
-def log_losses(t: Trainer, state: TrainState, epoch: int, lr: float, losses: dict) -> None:
+def log_losses(t: Trainer, state: L.LoopState, epoch: int, lr: float, losses: dict) -> None:
     """Add the step's losses to the window; every ``train.log_every`` steps (and at the end)
     write their mean as a curves.csv row and to W&B."""
-    for name, value in losses.items():
-        state.window[name] = state.window.get(name, 0.0) + value
-    state.window["_n"] = state.window.get("_n", 0) + 1
-    done = state.iteration
-    if done % t.config.train.log_every != 0 and done != t.total:
-        return
-    n = state.window.pop("_n")
-    row = {"iteration": done, "epoch": epoch, "lr": lr}
-    row.update({k: v / n for k, v in sorted(state.window.items())})
-    row["seconds"] = round(state.elapsed(), 3)
-    t.curves.append(row)
-    t.tracker.log({f"train/{k}": v for k, v in row.items() if k != "iteration"}, step=done)
-    state.window = {}
+    row = L.log_window(state, t.curves, losses, every=t.config.train.log_every, total=t.total,
+                       first={"epoch": epoch, "lr": lr})
+    if row is not None:
+        t.tracker.log({f"train/{k}": v for k, v in row.items() if k != "iteration"}, step=row["iteration"])
 
 
-def validate(t: Trainer, state: TrainState, epoch: int, on_validation: Callable[[int, float], None] | None) -> None:
+def validate(t: Trainer, state: L.LoopState, epoch: int, on_validation: Callable[[int, float], None] | None) -> None:
     """Score the model on the validation episodes; a better mIoU writes ``model_best.pt``."""
     from fss.models.checkpoints import save_model_file
     from pipeline import runs as R
@@ -343,30 +302,6 @@ def validate(t: Trainer, state: TrainState, epoch: int, on_validation: Callable[
         on_validation(iteration, float(result["miou"]))
 
 
-def checkpoint_due(t: Trainer, state: TrainState, stop_after: int | None, stopping: bool) -> bool:
-    """At the end, every ``train.checkpoint_every`` steps or ``train.checkpoint_minutes``, and before any stop."""
-    train, done = t.config.train, state.iteration
-    return bool(
-        done == t.total
-        or (train.checkpoint_every and done % train.checkpoint_every == 0)
-        or (train.checkpoint_minutes > 0 and time.monotonic() - state.last_checkpoint >= train.checkpoint_minutes * 60)
-        or (stop_after is not None and done >= stop_after)
-        or stopping
-    )
-
-
-def save_checkpoint(t: Trainer, state: TrainState) -> None:
-    from pipeline import runs as R
-
-    last_lr = learning_rate(t.config, max(state.iteration - 1, 0), t.total)
-    R.save_checkpoint(
-        t.run.checkpoint_file, config=t.config, iteration=state.iteration, total_iterations=t.total, model=t.model,
-        optimizer=t.optimizer, scheduler_state={"name": t.config.schedule.name, "last_lr": last_lr},
-        best=state.best, window=state.window, elapsed_s=state.elapsed(),
-    )
-    state.last_checkpoint = time.monotonic()
-
-
 def train_run(
     config: RunConfig,
     out: str | os.PathLike,
@@ -378,7 +313,8 @@ def train_run(
     on_validation: Callable[[int, float], None] | None = None,
     restart_on_change: bool = False,
 ) -> dict:
-    """Train (or resume, or finish) the run in ``out``; returns the run summary.
+    """Train (or resume, or finish) the run in ``out``; returns :func:`run_result`'s one shape
+    (``status`` done or stopped, the run summary under ``summary`` when done, on every rank).
 
     ``on_validation(iteration, miou)`` is called after each validation check (sweeps
     report it for pruning); an exception it raises (``optuna.TrialPruned``) stops the run
@@ -392,67 +328,51 @@ def train_run(
     from pipeline.tracking import start_training
 
     t = setup(config, out, say or (lambda m: None), restart_on_change=restart_on_change)
+    t.on_validation = on_validation
     state = resume_or_start(t)
     if state.iteration >= t.total > 0:
         t.say(f"{out} was already trained ({t.total} iterations); writing its final files.")
     t.net = D.wrap_model(t.model, t.ctx, t.device, find_unused_parameters=config.train.ddp_find_unused_parameters,
                          sync_batchnorm=config.train.sync_batchnorm)
-    t.tracker = start_training(config, enabled=config.tracking.wandb and t.ctx.is_main, run_id=t.run.wandb_run_id(),
+    t.tracker = start_training(config, enabled=config.tracking.wandb and t.main.is_main, run_id=t.run.wandb_run_id(),
                                warn=t.say)
     t.run.save_wandb_run_id(t.tracker.run_id)
-    val_every = config.validation.every
-    steps = range(state.iteration, t.total)
-    if track is not None and len(steps):
-        steps = track(steps, f"train {config.method} fold {config.fold}", len(steps))
     t.model.train()
-    stop_reason = None
     batches = EpochBatches(t.dataset, t.per_epoch, config.train.batch_size, config.data.num_workers,
                            pin=t.device.type == "cuda", device=t.device, rank=t.ctx.rank, world_size=t.ctx.world_size)
-    with _StopFlag() as stop, batches:
-        for it in steps:
-            epoch, batch = batches.at(it)
-            if config.train.channels_last:
-                batch = channels_last_batch(batch)
-
-            lr = learning_rate(config, it, t.total)
-            losses, stopping = train_step(t, it, batch, lr, stop.signal is not None)
-            state.iteration = done = it + 1
-            log_losses(t, state, epoch, lr, losses)
-
-            # validation (rank 0 validates, the other ranks wait for it)
-            if t.val_data is not None and ((val_every and done % val_every == 0) or done == t.total):
-                if t.ctx.is_main:
-                    validate(t, state, epoch, on_validation)
-                D.barrier(t.ctx)
-
-            # checkpoint, then stop if asked: a rerun resumes exactly here
-            if checkpoint_due(t, state, stop_after, stopping) and t.ctx.is_main:
-                save_checkpoint(t, state)
-            if stop_after is not None and stop_after <= done < t.total:
-                stop_reason = f"stopped after iteration {done} (--stop-after)"
-            elif stopping and done < t.total:
-                stop_reason = f"interrupted by signal {stop.signal} at iteration {done}; checkpoint saved"
-            if stop_reason is not None:
-                break
-    if stop_reason is not None:
-        t.run.log(stop_reason)
+    outcome = L.run_steps(t, batches, state, main=t.main, cadence=L.Cadence(config.train.checkpoint_every,
+                          config.train.checkpoint_minutes), stop_after=stop_after, track=track,
+                          label=f"train {config.method} fold {config.fold}")
+    if outcome.reason is not None:
+        t.run.log(outcome.reason)
         t.tracker.finish(exit_code=1)
-        t.say(f"{stop_reason}; rerun the same command to resume.")
-        return {"status": "stopped", "iteration": state.iteration, "total_iterations": t.total, "signal": stop.signal}
-    return finish(t, state, plots_dir)
+        t.say(f"{outcome.reason}; rerun the same command to resume.")
+        return run_result(t, state, "stopped", signal=outcome.signal)
+    # torchrun: rank 0 writes the final files; the others wait for it and get its summary
+    summary = t.main.shared(lambda: write_final_files(t, state, plots_dir))
+    return run_result(t, state, "done", summary=summary)
 
 
-def finish(t: Trainer, state: TrainState, plots_dir) -> dict:
-    """Final model files, empty val.csv without validation, plot copies and W&B summary."""
+def run_result(t: Trainer, state: L.LoopState, status: str, *, signal: int | None = None,
+               summary: dict | None = None) -> dict:
+    """What :func:`train_run` returns, one shape: ``status`` (done, stopped), ``iteration`` of
+    ``total_iterations``, ``signal`` (the one that stopped it, else None), ``rank``/``world_size``
+    and ``summary`` (train_summary.json's content when done, else None)."""
+    return {"status": status, "iteration": state.iteration, "total_iterations": t.total, "signal": signal,
+            "rank": t.ctx.rank, "world_size": t.ctx.world_size, "summary": summary}
+
+
+def write_final_files(t: Trainer, state: L.LoopState, plots_dir) -> dict:
+    """Rank 0, at the end (again when a finished run is rerun): the model files, train_summary.json,
+    empty curves/val tables where nothing was logged, plot copies and W&B's summary; the summary."""
     from pipeline import runs as R
     from pipeline.tracking import model_artifact_name
 
-    if not t.ctx.is_main:  # torchrun: rank 0 writes the final files; the others wait for it
-        D.barrier(t.ctx)
-        return {"status": "done", "rank": t.ctx.rank, "world_size": t.ctx.world_size, "iterations": t.total}
-    run = t.run
-    summary = _finish(t.config, run, t.model, state.best, t.total, t.per_epoch, state.elapsed(), t.deterministic,
-                      t.device, world_size=t.ctx.world_size)
+    run, config = t.run, t.config
+    selected, source = save_selected_model(t)
+    summary = train_summary(t, state, selected, source)
+    R.write_json(run.file(R.SUMMARY_FILE), summary)
+    run.log(f"finished: selected {selected} weights ({source.name})")
     if not run.file(R.CURVES_FILE).is_file():  # a training-free method: an empty curve, so the file always exists
         R.atomic_write_text(run.file(R.CURVES_FILE), "iteration,epoch,lr,loss\n")
     if not run.file(R.VAL_FILE).is_file():  # no validation: an empty table, so the file always exists
@@ -462,20 +382,19 @@ def finish(t: Trainer, state: TrainState, plots_dir) -> dict:
             R.atomic_write_text(Path(plots_dir) / name, run.file(name).read_text())
     t.tracker.summary({"final/" + k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     t.tracker.log_model(run.file(R.MODEL_SELECTED), model_artifact_name(
-        t.config.method, t.config.dataset, t.config.backbone, t.config.shot, t.config.fold), metadata=summary)
+        config.method, config.dataset, config.backbone, config.shot, config.fold), metadata=summary)
     t.tracker.finish()
-    D.barrier(t.ctx)
     return summary
 
 
-def _finish(config: RunConfig, run, model, best, total, per_epoch, elapsed_s, deterministic, device,
-            world_size: int = 1) -> dict:
-    """Final model files and summary (idempotent: redone when a finished run is rerun)."""
+def save_selected_model(t: Trainer) -> tuple[str, Path]:
+    """model_last.pt, and model.pt linked to it or to model_best.pt (validation.select); which, and its file."""
     from fss.models.checkpoints import save_model_file
     from pipeline import runs as R
 
-    save_model_file(run.file(R.MODEL_LAST), model, method=config.method, backbone=config.backbone,
-                    shot=config.shot, knobs=dict(config.knobs), source=f"run:{run.path}@{total}")
+    config, run = t.config, t.run
+    save_model_file(run.file(R.MODEL_LAST), t.model, method=config.method, backbone=config.backbone,
+                    shot=config.shot, knobs=dict(config.knobs), source=f"run:{run.path}@{t.total}")
     selected = "last"
     if config.validation.select == "best" and run.file(R.MODEL_BEST).is_file():
         selected = "best"
@@ -488,7 +407,15 @@ def _finish(config: RunConfig, run, model, best, total, per_epoch, elapsed_s, de
     except OSError:
         shutil.copyfile(source, tmp)
     os.replace(tmp, run.file(R.MODEL_SELECTED))
-    summary = {
+    return selected, source
+
+
+def train_summary(t: Trainer, state: L.LoopState, selected: str, source: Path) -> dict:
+    """train_summary.json: what was trained, how long, which weights were selected."""
+    from pipeline import runs as R
+
+    config, best = t.config, state.best
+    return {
         "kind": "fss-train-summary",
         "method": config.method,
         "dataset": config.dataset,
@@ -496,9 +423,9 @@ def _finish(config: RunConfig, run, model, best, total, per_epoch, elapsed_s, de
         "shot": config.shot,
         "backbone": config.backbone,
         "group": config.group,
-        "iterations": total,
-        "iterations_per_epoch": per_epoch,
-        "epochs": total / per_epoch,
+        "iterations": t.total,
+        "iterations_per_epoch": t.per_epoch,
+        "epochs": t.total / t.per_epoch,
         "selection": config.validation.select,
         "selected": selected,
         "selected_file": R.MODEL_SELECTED,
@@ -507,14 +434,11 @@ def _finish(config: RunConfig, run, model, best, total, per_epoch, elapsed_s, de
         "best_val_iteration": best.get("iteration"),
         "validation": {"split": config.validation.split, "seed": config.validation.seed,
                        "episodes": config.validation.episodes, "every": config.validation.every},
-        "train_seconds": round(elapsed_s, 3),
-        "device": str(device),
-        "world_size": world_size,  # torchrun processes (train.batch_size is their global batch)
-        "deterministic_algorithms": deterministic,
+        "train_seconds": round(state.elapsed(), 3),
+        "device": str(t.device),
+        "world_size": t.ctx.world_size,  # torchrun processes (train.batch_size is their global batch)
+        "deterministic_algorithms": t.deterministic,
     }
-    R.write_json(run.file(R.SUMMARY_FILE), summary)
-    run.log(f"finished: selected {selected} weights ({source.name})")
-    return summary
 
 
 def _autocast(config: RunConfig, device):

@@ -65,9 +65,9 @@ def train_one(fold: int, out: Path, plots_dir: Path | None, o: dict) -> None:
             iterations=o["iterations"], epochs=o["epochs"], device=o["device"], params_path=o["params"],
             set_values=[*o["set_"], *([f"tracking.wandb={str(wandb).lower()}"] if wandb is not None else [])],
         )
-        summary = T.train_run(config, out, stop_after=o["stop_after"], track=None if follower else track,
-                            plots_dir=plots_dir, restart_on_change=o["restart_on_change"],
-                            say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
+        result = T.train_run(config, out, stop_after=o["stop_after"], track=None if follower else track,
+                             plots_dir=plots_dir, restart_on_change=o["restart_on_change"],
+                             say=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
     except FSSError:
         if follower:
             raise typer.Exit(2) from None  # the same one-line error is printed by rank 0
@@ -75,8 +75,8 @@ def train_one(fold: int, out: Path, plots_dir: Path | None, o: dict) -> None:
     finally:
         D.teardown_distributed()
     if not follower:
-        typer.echo(json.dumps(summary, sort_keys=True, default=str))
-    if summary.get("status") == "stopped" and summary.get("signal") is not None:
+        typer.echo(json.dumps(result, sort_keys=True, default=str))
+    if result["status"] == "stopped" and result["signal"] is not None:
         raise typer.Exit(130)  # interrupted: never report success (DVC must not record the outputs)
 
 

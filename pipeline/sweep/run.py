@@ -116,9 +116,9 @@ def run_point(spec: StudySpec, point: Mapping[str, Any], trial_dir: Path, *,
                     if report is not None:
                         report(checks[0], miou)
 
-                summary = train_run(_tracking_off(config), run_dir, on_validation=on_validation,
-                                    say=lambda m: None if "\n" in m else say("  " + m))
-                if summary.get("status") == "stopped":
+                result = train_run(_tracking_off(config), run_dir, on_validation=on_validation,
+                                   say=lambda m: None if "\n" in m else say("  " + m))
+                if result["status"] == "stopped":
                     raise TrialStopped(f"training of {run_dir} was interrupted")
                 model_path = run_dir / R.MODEL_SELECTED
                 out = run_dir / "val.json"

@@ -142,7 +142,7 @@ def test_training_and_evaluation_with_bf16_and_channels_last(bench_synthetic_roo
                                 set_values=[f"{k}={v}" for k, v in sets.items()], params_path=REPO_PARAMS)
     assert config.train.channels_last and config.train.precision == "bf16"
     said: list[str] = []
-    summary = train_run(config, tmp_path / "run", say=said.append)
+    summary = train_run(config, tmp_path / "run", say=said.append)["summary"]
     assert summary["iterations"] == 3 and summary["best_val_miou"] is not None
     from pipeline.config import cpu_has_bf16
 

@@ -61,7 +61,9 @@ def test_two_processes_train_and_only_rank0_writes(ddp_run):
     assert sorted(p.name for p in out.parent.iterdir()) == ["run"]  # nothing written beside the run
     summaries = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1  # rank 0 alone reports
-    summary = json.loads(summaries[0])
+    result = json.loads(summaries[0])
+    assert result["status"] == "done" and result["iteration"] == ITERATIONS and result["rank"] == 0
+    summary = result["summary"]
     assert summary["world_size"] == 2 and summary["iterations"] == ITERATIONS
     assert summary["best_val_iteration"] in (4, 8, 12)
     assert json.loads((out / R.SUMMARY_FILE).read_text()) == summary

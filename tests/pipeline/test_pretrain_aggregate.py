@@ -38,7 +38,7 @@ def test_pretrain_writes_a_loadable_backbone(synthetic_root, tmp_path):
 
     out = tmp_path / "small-fold1.pt"
     report = pretrain_backbone(out, source="base_classes", root=synthetic_root, fold=1, epochs=1, batch_size=8,
-                               size=33, device="cpu", dataset="synthetic")
+                               size=33, device="cpu", dataset="synthetic")["report"]
     assert report["base_classes"] == [c for c in range(1, 21) if not 6 <= c <= 10]
     assert report["novel_classes_seen_as_background"] == [6, 7, 8, 9, 10]
     assert math.isfinite(report["final_loss"]) and 0.0 <= report["train_pixel_accuracy"] <= 1.0
@@ -50,7 +50,7 @@ def test_pretrain_writes_a_loadable_backbone(synthetic_root, tmp_path):
         pretrain_backbone(out, source="base_classes", root=synthetic_root, fold=1, epochs=1, dataset="pascal")
     with pytest.raises(ConfigError, match="needs --root and --fold"):
         pretrain_backbone(out, source="base_classes", root=synthetic_root, epochs=1)
-    with pytest.raises(ConfigError, match="source='imagenet' is unknown; choose one of: objects, pool_classes, base_classes"):
+    with pytest.raises(ConfigError, match="pretrain.source got 'imagenet'; choose one of: objects, pool_classes, base_classes"):
         pretrain_backbone(out, source="imagenet", epochs=1)
 
 
@@ -62,15 +62,17 @@ def test_object_pool_pretraining_sees_no_benchmark_class(tmp_path):
     images, labels = object_pool_tensors(seed=0, images=12, image_size=32, size=33)
     assert images.shape == (12, 3, 33, 33) and set(torch.unique(labels).tolist()) == {0, 1, 255}
     out = tmp_path / "small-objects.pt"
-    report = pretrain_backbone(out, source="objects", images=12, image_size=32, epochs=1, batch_size=4, size=33,
+    result = pretrain_backbone(out, source="objects", images=12, image_size=32, epochs=1, batch_size=4, size=33,
                                device="cpu")
+    report = result["report"]
+    assert result["status"] == "done" and result["iteration"] == result["total_iterations"] == 3
     assert report["benchmark_classes_seen"] == [] and report["pool"]["shapes"] == list(POOL_SHAPES)
     assert report["iterations"] == 3 and "fold" not in report and math.isfinite(report["final_loss"])
     build_backbone("small", weights=str(out))
     a, written = torch.load(out, weights_only=True), out.with_suffix(".json").read_bytes()
-    assert report["seconds"] >= 0 and "seconds" not in json.loads(written)
+    assert result["seconds"] >= 0 and "seconds" not in json.loads(written)
     again = pretrain_backbone(out, source="objects", images=12, image_size=32, epochs=1, batch_size=4, size=33,
-                              device="cpu")
+                              device="cpu", run_dir=tmp_path / "afresh")["report"]  # trained again, not resumed
     b = torch.load(out, weights_only=True)
     assert again["final_loss"] == report["final_loss"] and all(torch.equal(a[k], b[k]) for k in a)
     # the report holds no wall-clock time: the rerun leaves pretrained/ byte for byte, so DVC reruns no train stage
@@ -92,7 +94,7 @@ def test_pool_class_pretraining_labels_each_pool_object_with_its_pool_class(tmp_
     assert len(set(names)) == 20 and not any(name.split("-")[2] in SHAPES for name in names)
     assert names[6].split("-")[:2] == list(reversed(class_attributes(7)[1:]))  # texture and hue of class 7
     report = pretrain_backbone(tmp_path / "pc.pt", source="pool_classes", images=12, image_size=32, epochs=1,
-                               batch_size=4, size=33, device="cpu")
+                               batch_size=4, size=33, device="cpu")["report"]
     assert report["source"] == "pool_classes" and report["pool"]["labels"] == list(names)
     assert report["benchmark_classes_seen"] == [] and math.isfinite(report["final_loss"])
     head = torch.load(tmp_path / "pc.pt", weights_only=True)
@@ -109,8 +111,8 @@ def test_pretrain_channels_last_matches_the_default_layout(synthetic_root, tmp_p
     n = len(PreparedDataset(synthetic_root, 1, "train"))
     kw = dict(source="base_classes", root=synthetic_root, fold=1, epochs=1, batch_size=n // 3, size=33,
               device="cpu", dataset="synthetic")  # 3 steps: rounding stays small
-    plain = pretrain_backbone(tmp_path / "a.pt", **kw)
-    cl = pretrain_backbone(tmp_path / "b.pt", channels_last=True, **kw)
+    plain = pretrain_backbone(tmp_path / "a.pt", channels_last=False, **kw)["report"]
+    cl = pretrain_backbone(tmp_path / "b.pt", channels_last=True, **kw)["report"]
     assert cl["channels_last"] is True and plain["channels_last"] is False and cl["iterations"] == 3
     a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
     assert a.keys() == b.keys() and all(v.is_contiguous() for v in b.values())

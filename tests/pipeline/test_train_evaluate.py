@@ -43,7 +43,9 @@ def _rows(path: Path, drop=("seconds",)) -> list[dict]:
 def reference_run(synthetic_root, tmp_path_factory) -> Path:
     """An uninterrupted 6-iteration run (validation every 2 iterations)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    summary = train_run(_config(synthetic_root), out)
+    result = train_run(_config(synthetic_root), out)
+    assert result["status"] == "done" and result["iteration"] == result["total_iterations"] == 6
+    summary = result["summary"]
     assert summary["iterations"] == 6 and summary["selected"] == "last"
     return out
 
@@ -86,7 +88,7 @@ def test_same_seed_same_weights_and_a_stopped_run_resumes_identically(synthetic_
 
 def test_select_best_keeps_the_best_validation_weights(synthetic_root, tmp_path):
     out = tmp_path / "best"
-    summary = train_run(_config(synthetic_root, **{"validation.select": "best"}), out)
+    summary = train_run(_config(synthetic_root, **{"validation.select": "best"}), out)["summary"]
     vals = _rows(out / R.VAL_FILE)
     best = max(vals, key=lambda r: float(r["val_miou"]))  # first maximum wins ties
     assert summary["selected"] == "best" and summary["best_val_iteration"] == int(best["iteration"])
@@ -95,7 +97,7 @@ def test_select_best_keeps_the_best_validation_weights(synthetic_root, tmp_path)
 
 def test_rerun_checks_the_saved_configuration(synthetic_root, reference_run, tmp_path):
     # the same command on a finished run only rewrites the final files
-    summary = train_run(_config(synthetic_root), reference_run)
+    summary = train_run(_config(synthetic_root), reference_run)["summary"]
     assert summary["iterations"] == 6
     with pytest.raises(ConfigError) as info:
         train_run(_config(synthetic_root, **{"optim.lr": 0.5}), reference_run)
@@ -280,7 +282,7 @@ def test_the_training_free_floor_runs_through_train_evaluate_and_aggregate(synth
                                 device="cpu", set_values=[v for v in tiny_sets(synthetic_root) if not v.startswith("knobs.")],
                                 params_path=REPO_PARAMS)
     run = tmp_path / "prototype"
-    summary = train_run(config, run)
+    summary = train_run(config, run)["summary"]
     assert summary["iterations"] == 0
     assert _rows(run / R.CURVES_FILE) == [] and (run / R.MODEL_SELECTED).is_file()
     evals = tmp_path / "evals"
