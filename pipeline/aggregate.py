@@ -21,19 +21,28 @@ was not trained 1-shot.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Iterable, Optional
 
+import pandas as pd
 import typer
 
 from fss.errors import ConfigError
-from fss.models.registry import training_free_methods
+from fss.models.registry import get_method, list_methods, training_free_methods
+from fss.uncertainty import DEFAULT_REPLICATES, DEFAULT_SEED
+from pipeline.config import load_params, tracking_defaults
+from pipeline.console import console
+from pipeline.figures import results_chart
+from pipeline.intervals import MEAN, Bootstrap, cell_intervals, differences, differences_markdown, half_widths, load_counts
+from pipeline.runs import atomic_write_text, write_json
+from pipeline.tracking import log_aggregate
 
 RESULT_COLUMNS = [
     "method", "dataset", "backbone", "shot", "fold", "miou", "fb_iou", "miou_std", "fb_iou_std",
-    "episodes", "runs", "protocol", "train_shot", "selection", "variant", "support", "source",
+    "episodes", "runs", "protocol", "train_shot", "train_seed", "selection", "variant", "support", "source",
 ]
 FOLDS = (0, 1, 2, 3)
 
@@ -57,8 +66,6 @@ def find_evaluations(root: str | Path) -> list[Path]:
 
 def collect_results(files: Iterable[Path]):
     """The long-format DataFrame of the evaluation files (duplicates refused)."""
-    import pandas as pd
-
     rows = []
     for f in files:
         d = json.loads(Path(f).read_text())
@@ -71,6 +78,7 @@ def collect_results(files: Iterable[Path]):
                 "fb_iou_std": d.get("fb_iou_std", math.nan), "episodes": int(d["episodes"]),
                 "runs": int(d.get("num_runs", 1)), "protocol": d["protocol"],
                 "train_shot": d.get("train_shot") if d.get("train_shot") is not None else math.nan,
+                "train_seed": d.get("train_seed") if d.get("train_seed") is not None else math.nan,
                 "selection": d.get("checkpoint_selection", ""),
                 "variant": "imported" if d.get("checkpoint_selection") == "imported" else "trained",
                 "source": str(f),
@@ -80,7 +88,7 @@ def collect_results(files: Iterable[Path]):
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     if df.empty:
         return df
-    key = ["dataset", "backbone", "protocol", "method", "variant", "train_shot", "shot", "support", "fold"]
+    key = ["dataset", "backbone", "protocol", "method", "variant", "train_shot", "shot", "support", "train_seed", "fold"]
     df = df.sort_values(key, kind="stable")
     dup = df[df.duplicated(key, keep=False)]
     if not dup.empty:
@@ -130,10 +138,8 @@ def _floor_first(table):
 
 def miou_table(df):
     """Rows = methods; columns (setting, Fold-0..3 | Mean), mIoU in %."""
-    import pandas as pd
-
     d = _with_settings(df).assign(value=100 * df["miou"])
-    wide = d.pivot_table(index="row", columns=["setting", "fold"], values="value", aggfunc="first")
+    wide = d.pivot_table(index="row", columns=["setting", "fold"], values="value", aggfunc="mean")  # over seeds
     settings = _settings_in_order(df)
     cols = {}
     for s in settings:
@@ -161,6 +167,14 @@ def _fmt(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
 
 
+def _pm(spread: dict | None, row, column, sign: str = " ±") -> str:
+    """`` ±h`` (half the 95% interval's width) of a cell and, with several training seeds,
+    `` (seed sd s)``; or nothing."""
+    h, seed_std = (spread or {}).get((row, *column) if isinstance(column, tuple) else (row, column), (None, None))
+    text = "" if h is None or math.isnan(h) else f"{sign}{h:.1f}"
+    return text + ("" if seed_std is None or math.isnan(seed_std) else f" (seed sd {seed_std:.1f})")
+
+
 def _best_per_column(table) -> dict:
     best = {}
     for c in table.columns:
@@ -169,8 +183,9 @@ def _best_per_column(table) -> dict:
     return best
 
 
-def to_markdown(table, title: str = "") -> str:
-    """A GitHub-flavoured Markdown table (best value per column in bold)."""
+def to_markdown(table, title: str = "", spread: dict | None = None) -> str:
+    """A GitHub-flavoured Markdown table (best value per column in bold); ``spread``
+    (``pipeline.intervals.half_widths``) adds `` ±h`` to the cells it has."""
     cols = list(table.columns)
     heads = [" ".join(str(x) for x in c if str(x)) if isinstance(c, tuple) else str(c) for c in cols]
     best = _best_per_column(table)
@@ -186,7 +201,7 @@ def to_markdown(table, title: str = "") -> str:
             s = _fmt(v)
             if best[c] is not None and not (isinstance(v, float) and math.isnan(v)) and len(table) > 1 and v == best[c]:
                 s = f"**{s}**"
-            cells.append(s)
+            cells.append(s + _pm(spread, name, c))
         lines.append("| " + " | ".join([str(name)] + cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -197,8 +212,9 @@ def _tex_escape(s: str) -> str:
     return s
 
 
-def to_latex(table, caption: str = "") -> str:
-    """A booktabs tabular; MultiIndex columns become \\multicolumn groups."""
+def to_latex(table, caption: str = "", spread: dict | None = None) -> str:
+    """A booktabs tabular; MultiIndex columns become \\multicolumn groups; ``spread`` as in
+    :func:`to_markdown` (``$\\pm$h``)."""
     cols = list(table.columns)
     multi = isinstance(cols[0], tuple)
     best = _best_per_column(table)
@@ -232,18 +248,15 @@ def to_latex(table, caption: str = "") -> str:
             s = _fmt(v).replace("–", "--")
             if best[c] is not None and len(table) > 1 and not (isinstance(v, float) and math.isnan(v)) and v == best[c]:
                 s = r"\textbf{" + s + "}"
-            cells.append(s)
+            cells.append(s + _pm(spread, name, c, sign=r"\,$\pm$"))
         lines.append(" & ".join([_tex_escape(str(name))] + cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
-def aggregate(runs: str | Path, out: str | Path) -> dict:
-    """Write results.csv, the tables and the chart for every evaluation under ``runs``."""
-    import pandas as pd
-
-    from pipeline.runs import atomic_write_text, write_json
-
+def aggregate(runs: str | Path, out: str | Path, boot: Bootstrap = Bootstrap()) -> dict:
+    """Write results.csv, the tables (with intervals), the paired differences and the chart for
+    every evaluation under ``runs``."""
     files = find_evaluations(runs)
     if not files:
         raise ConfigError(f"no evaluation JSON ('fss evaluate' output) under {runs}; run the evaluations first.")
@@ -251,50 +264,115 @@ def aggregate(runs: str | Path, out: str | Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.csv", df.to_csv(index=False, float_format="%.6f"))
-
-    md_parts, tex_parts, miou_csv, fb_csv, chart_tables = [], [], [], [], []
-    summary: dict = {}
+    counts = load_counts(df["source"])
+    labelled = _with_settings(df)
+    intervals = cell_intervals(labelled, counts, boot)
+    diffs = differences(labelled, counts, boot)
+    atomic_write_text(out / "intervals.csv", intervals.to_csv(index=False, float_format="%.3f"))
+    atomic_write_text(out / "table_differences.csv", diffs.to_csv(index=False, float_format="%.3f"))
+    atomic_write_text(out / "table_differences.md", differences_markdown(diffs))
     groups = list(df.groupby(["dataset", "backbone", "protocol"], sort=True))
+    summary, chart = _write_tables(groups, intervals, out)
+    label, means = chart
+    results_chart(means, out / "chart_miou.png", title=f"mIoU — {label}")
+    write_json(out / "summary.json", summary)
+    atomic_write_text(out / README_TABLE, readme_table(groups[0][1], intervals))
+    _write_metrics(df, out / "metrics", intervals)
+    return {"evaluations": len(df), "groups": len(groups), "out": str(out),
+            "files": sorted(p.name for p in out.iterdir() if p.is_file())}
+
+
+def _write_tables(groups, intervals, out: Path):
+    """The mIoU (± half the 95% interval) and FB-IoU tables in md, tex and csv; (summary, chart table)."""
+    md_parts, tex_parts, miou_csv, fb_csv, charts = [], [], [], [], []
+    summary: dict = {}
     for (dataset, backbone, protocol), g in groups:
         label = f"{dataset}, backbone {backbone}, protocol {protocol}"
-        mt = miou_table(g)
-        ft = fbiou_table(g)
+        mt, ft = miou_table(g), fbiou_table(g)
+        spread = half_widths(intervals, (dataset, backbone, protocol))
         folds_present = sorted(g["fold"].unique())
         note = "" if len(folds_present) == len(FOLDS) else \
             f" (Mean over the folds present: {', '.join(map(str, folds_present))})"
-        md_parts.append(to_markdown(mt, f"mIoU (%) — {label}{note}"))
+        md_parts.append(to_markdown(mt, f"mIoU (%) ± half the 95% interval over episodes — {label}{note}", spread))
         md_parts.append(to_markdown(ft, f"FB-IoU (%) — {label}, mean over folds"))
-        tex_parts.append(to_latex(mt, f"mIoU (%) on {label}{note}."))
+        tex_parts.append(to_latex(mt, f"mIoU (%) on {label}{note}, ± half the 95% bootstrap interval over episodes.",
+                                  spread))
         tex_parts.append(to_latex(ft, f"FB-IoU (%) on {label}, mean over folds."))
         flat = mt.copy()
         flat.columns = [f"{a} {b}" for a, b in flat.columns]
+        for (row, setting, column), (h, _) in spread.items():
+            flat.loc[row, f"{setting} {column} ±"] = h
         miou_csv.append(flat.reset_index().assign(dataset=dataset, backbone=backbone, protocol=protocol))
         fb_csv.append(ft.reset_index().assign(dataset=dataset, backbone=backbone, protocol=protocol))
         means = mt.xs("Mean", axis=1, level=1)
-        chart_tables.append((label, means))
+        charts.append((label, means))
         for method, row in means.iterrows():
             for setting, v in row.items():
-                key = f"{dataset}/{backbone}/{protocol}/{method}/{setting}"
-                summary[key] = {"miou": None if math.isnan(v) else round(float(v), 4),
-                                "fb_iou": None if math.isnan(ft.loc[method, setting]) else round(float(ft.loc[method, setting]), 4)}
+                fb = ft.loc[method, setting]
+                summary[f"{dataset}/{backbone}/{protocol}/{method}/{setting}"] = {
+                    "miou": None if math.isnan(v) else round(float(v), 4),
+                    "miou_pm": _round(spread.get((method, setting, "Mean"), (math.nan,))[0]),
+                    "fb_iou": None if math.isnan(fb) else round(float(fb), 4)}
     atomic_write_text(out / "table_miou.md", "\n".join(md_parts[0::2]))
     atomic_write_text(out / "table_fbiou.md", "\n".join(md_parts[1::2]))
     atomic_write_text(out / "table_miou.tex", "\n".join(tex_parts[0::2]))
     atomic_write_text(out / "table_fbiou.tex", "\n".join(tex_parts[1::2]))
     atomic_write_text(out / "table_miou.csv", pd.concat(miou_csv).to_csv(index=False, float_format="%.2f"))
     atomic_write_text(out / "table_fbiou.csv", pd.concat(fb_csv).to_csv(index=False, float_format="%.2f"))
-    from pipeline.figures import results_chart
-
-    label, means = chart_tables[0]
-    results_chart(means, out / "chart_miou.png", title=f"mIoU — {label}")
-    write_json(out / "summary.json", summary)
-    _write_metrics(df, out / "metrics")
-    return {"evaluations": len(df), "groups": len(groups), "out": str(out),
-            "files": sorted(p.name for p in out.iterdir() if p.is_file())}
+    return summary, charts[0]
 
 
-def metrics_rows(df) -> dict[str, dict]:
-    """Per table row and shot, the mean over the folds present of mIoU and FB-IoU (fractions),
+def _round(v) -> float | None:
+    return None if v is None or math.isnan(v) else round(float(v), 4)
+
+
+#: the README's table of the first (dataset, backbone, protocol), written by fss aggregate;
+#: ``fss aggregate --readme README.md`` puts it between README_MARKERS
+README_TABLE = "readme_table.md"
+README_MARKERS = ("<!-- results table: begin -->", "<!-- results table: end -->")
+
+
+def _display(row: str) -> str:
+    method = row.split(" ")[0]
+    return row.replace(method, get_method(method).display, 1) if method in list_methods() else row
+
+
+def readme_table(df, intervals) -> str:
+    """The README's table of one (dataset, backbone, protocol): the first setting's folds and
+    mean, every other setting's mean (a support control's as "other support"), means with
+    ± half the 95% interval over episodes, and FB-IoU of the own-support settings."""
+    group = tuple(df.iloc[0][["dataset", "backbone", "protocol"]])
+    mt, ft = miou_table(df), fbiou_table(df)
+    spread = half_widths(intervals, group)
+    settings = list(dict.fromkeys(s for s, _ in mt.columns))
+    own = [s for s in settings if " support" not in s]
+    heads = [f"{settings[0]} F0", "F1", "F2", "F3", "**Mean**"]
+    heads += ["other support" if " support" in s else f"{s} **Mean**" for s in settings[1:]]
+    heads.append("FB-IoU " + "/".join(s.split("-")[0] for s in own))
+    lines = ["| Method | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+    for row in mt.index:
+        cells = [_fmt(mt.loc[row, (settings[0], f"Fold-{f}")]) for f in FOLDS]
+        for s in settings:
+            mean = _fmt(mt.loc[row, (s, "Mean")]) + _pm(spread, row, (s, "Mean"))
+            cells.append(mean if " support" in s else f"**{mean}**")
+        cells.append(" / ".join(_fmt(ft.loc[row, s]) for s in own))
+        lines.append(f"| {_display(row)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme_table(readme: Path, table: str) -> None:
+    """Replace what lies between README_MARKERS in ``readme`` by ``table``."""
+    text = readme.read_text()
+    begin, end = README_MARKERS
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ConfigError(f"{readme} must hold the lines {begin} and {end} once each, in that order, around the table.")
+    head, rest = text.split(begin, 1)
+    atomic_write_text(readme, head + begin + "\n" + table + end + rest.split(end, 1)[1])
+
+
+def metrics_rows(df, intervals=None) -> dict[str, dict]:
+    """Per table row and shot, the mean over the folds present of mIoU and FB-IoU (fractions)
+    and the mIoU interval's ends (``intervals``: :func:`pipeline.intervals.cell_intervals`),
     keyed by the file's path under ``metrics/`` (``synthetic-small-pfenet/apanet-1shot.json``)."""
     rows = {}
     key = ["dataset", "backbone", "protocol", "method", "variant", "train_shot", "shot", "support"]
@@ -304,18 +382,23 @@ def metrics_rows(df) -> dict[str, dict]:
         if not (isinstance(train_shot, float) and math.isnan(train_shot)) and int(train_shot) != 1:
             name += f"-trained{int(train_shot)}shot"
         control = "" if support == "own" else f"-{support}-support"
-        rows[f"{dataset}-{backbone}-{protocol}/{name}-{int(shot)}shot{control}.json"] = {
-            "method": method, "shot": int(shot), "folds": int(g["fold"].nunique()),
-            "miou": float(g["miou"].mean()), "fb_iou": float(g["fb_iou"].mean())} | (
+        row = {"method": method, "shot": int(shot), "folds": int(g["fold"].nunique()),
+               "miou": float(g.groupby("fold")["miou"].mean().mean()), "fb_iou": float(g["fb_iou"].mean())}
+        if intervals is not None:
+            cell = intervals[(intervals["dataset"] == dataset) & (intervals["backbone"] == backbone)
+                             & (intervals["protocol"] == protocol) & (intervals["fold"] == MEAN)
+                             & (intervals["row"] == _row_label(method, train_shot, variant))
+                             & (intervals["setting"] == _setting(shot, support))]
+            if len(cell) and not math.isnan(cell["low"].iloc[0]):
+                row |= {"miou_low": float(cell["low"].iloc[0]) / 100, "miou_high": float(cell["high"].iloc[0]) / 100}
+        rows[f"{dataset}-{backbone}-{protocol}/{name}-{int(shot)}shot{control}.json"] = row | (
             {} if support == "own" else {"support_control": support})
     return rows
 
 
-def _write_metrics(df, directory: Path) -> None:
+def _write_metrics(df, directory: Path, intervals=None) -> None:
     """The files of :func:`metrics_rows` under ``directory``; older .json files there are removed."""
-    from pipeline.runs import write_json
-
-    rows = metrics_rows(df)
+    rows = metrics_rows(df, intervals)
     for old in directory.rglob("*.json") if directory.is_dir() else []:
         if old.relative_to(directory).as_posix() not in rows:
             old.unlink()
@@ -328,16 +411,18 @@ def aggregate_command(
     runs: Path = typer.Option(..., "--runs", help="Directory searched (recursively) for evaluation JSON files."),
     out: Path = typer.Option(..., help="Output directory for results.csv, tables and chart."),
     wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Log the tables to W&B as tables (default: tracking.wandb of ./params.yaml)."),
+    bootstrap_replicates: int = typer.Option(DEFAULT_REPLICATES, "--bootstrap-replicates", min=1,
+                                             help="Bootstrap replicates of every interval (resampled episodes)."),
+    bootstrap_seed: int = typer.Option(DEFAULT_SEED, "--bootstrap-seed", min=0, help="Seed of the bootstrap's draws."),
+    readme: Optional[Path] = typer.Option(None, "--readme", help=f"Also write the README table ({README_TABLE}) "
+                                          f"into this file, between {README_MARKERS[0]} and {README_MARKERS[1]}."),
 ) -> None:
-    """Collect evaluations into results.csv and the papers' tables (Markdown, LaTeX, CSV, PNG)."""
-    import dataclasses
-
-    from pipeline.config import load_params, tracking_defaults
-    from pipeline.console import console
-    from pipeline.tracking import log_aggregate
-
+    """Collect evaluations into results.csv and the papers' tables with 95% intervals and paired
+    differences (Markdown, LaTeX, CSV, PNG)."""
     tracking = tracking_defaults(load_params(None)[0], dataset=None)
-    report = aggregate(runs, out)
+    report = aggregate(runs, out, Bootstrap(replicates=bootstrap_replicates, seed=bootstrap_seed))
+    if readme is not None:
+        write_readme_table(readme, (Path(out) / README_TABLE).read_text())
     log_aggregate(dataclasses.replace(tracking, wandb=tracking.wandb if wandb is None else wandb), out,
                   warn=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
     console.print(f"[green]aggregated[/green] {report['evaluations']} evaluations -> {out}", highlight=False, soft_wrap=True)

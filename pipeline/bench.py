@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from fss.errors import ConfigError
+from fss.precision import autocast
 from pipeline.config_schema import TrainLoopConfig
 from pipeline.machine import machine_description
 
@@ -194,16 +195,6 @@ def synthetic_episodes(batch: int, shot: int, size: int, device, seed: int = 0) 
     return {k: v.to(device) for k, v in out.items()}
 
 
-def _autocast(precision: str, device):
-    import contextlib
-
-    import torch
-
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def build_bench_model(method: str, *, backbone: str, shot: int, knobs: dict, device, channels_last: bool,
                       seed: int = 0, fg_weight: float = DEFAULT_FG_WEIGHT):
     import torch
@@ -226,7 +217,7 @@ def make_steps(model, batch: dict, precision: str, device):
     def train_step() -> dict:
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(precision, device):
+        with autocast(precision, device):
             output = model(batch)
         output.losses["loss"].backward()
         optimizer.step()
@@ -234,7 +225,7 @@ def make_steps(model, batch: dict, precision: str, device):
 
     def eval_step():
         model.eval()
-        with torch.no_grad(), _autocast(precision, device):
+        with torch.no_grad(), autocast(precision, device):
             return model.predict(batch["support_images"], batch["support_masks"], batch["query_images"])
 
     return train_step, eval_step

@@ -11,7 +11,7 @@ episodes per pass ``test.batch_size``).
 The report (``kind`` ``fss-evaluation``)::
 
     {"kind", "version", "split", "method", "dataset", "backbone", "fold", "shot", "train_shot",
-     "ways", "knobs", "miou", "fb_iou", "class_iou", "episodes", "num_runs",
+     "train_seed", "ways", "knobs", "miou", "fb_iou", "class_iou", "episodes", "num_runs",
      "runs": [{"seed", "miou", "fb_iou", "episodes", "class_iou", "class_episodes", "missing_classes",
                "episode_counts"}],
      "class_episodes", "protocol", "protocol_options", "checkpoint", "checkpoint_selection",
@@ -68,19 +68,21 @@ class ScoredModel:
     checkpoint: str = ""
     selection: str = ""
     source: str = ""
+    train_seed: int | None = None  # the run's train.seed (None: an imported model)
 
     @classmethod
-    def from_meta(cls, meta: dict, checkpoint, selection: str) -> "ScoredModel":
+    def from_meta(cls, meta: dict, checkpoint, selection: str, train_seed: int | None = None) -> "ScoredModel":
         """From ``fss.models.checkpoints.load_model_file``'s metadata."""
         return cls(method=meta["method"], backbone=meta["backbone"], train_shot=meta.get("shot"),
                    knobs=dict(meta.get("knobs", {})), checkpoint=str(checkpoint), selection=selection,
-                   source=meta.get("source", ""))
+                   source=meta.get("source", ""), train_seed=train_seed)
 
     @classmethod
     def from_config(cls, config, checkpoint="", selection: str = "training") -> "ScoredModel":
         """The model a run trains (validation scores it in memory)."""
         return cls(method=config.method, backbone=config.backbone, train_shot=config.shot,
-                   knobs=dict(config.knobs), checkpoint=str(checkpoint), selection=selection)
+                   knobs=dict(config.knobs), checkpoint=str(checkpoint), selection=selection,
+                   train_seed=int(config.train.seed))
 
 
 def run_settings(config, device, *, shot: int | None = None, ways: int = 1, support_control: str = "none",
@@ -123,7 +125,7 @@ def build_report(result: dict, info: ScoredModel, data, protocol, settings: Eval
     report: dict[str, Any] = {
         "kind": EVAL_KIND, "version": EVAL_VERSION, "split": data.split,
         "method": info.method, "dataset": data.dataset, "backbone": info.backbone, "fold": int(data.fold),
-        "shot": settings.shot, "train_shot": info.train_shot, "ways": settings.ways, "knobs": dict(info.knobs),
+        "shot": settings.shot, "train_shot": info.train_shot, "train_seed": info.train_seed, "ways": settings.ways, "knobs": dict(info.knobs),
         "miou": result["miou"], "fb_iou": result["fb_iou"], "class_iou": _ids(result.get("class_iou", {})),
         "episodes": result["episodes"], "num_runs": len(result["runs"]),
         "runs": [

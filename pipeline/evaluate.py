@@ -97,6 +97,7 @@ class Evaluation:
     tracking: Any
     run_dir: Path | None = None
     group_shot: int | None = None  # the W&B group's shot: the run's training shot
+    train_seed: int | None = None  # the run's train.seed (None for --model)
     figure_episodes: int = 0
     allow_dataset_mismatch: bool = False
     feature_cache: Any = None
@@ -119,7 +120,7 @@ def evaluate_one(ev: Evaluation, model_path: Path, selection: str, settings: Eva
     if meta.get("dataset") not in (None, dataset):
         ev.say(f"warning: {model_path} was imported for {meta['dataset']}, evaluated on {dataset} "
                f"(--allow-dataset-mismatch).")
-    info = ScoredModel.from_meta(meta, model_path, selection)
+    info = ScoredModel.from_meta(meta, model_path, selection, ev.train_seed)
     tracker = _tracker(ev, info, settings.shot)
     tracker.use_model(model_path, model_artifact_name(info.method, dataset, info.backbone, info.train_shot, fold))
     n_samples = max(ev.figure_episodes if figure is not None else 0, ev.tracking.images if tracker.active else 0)
@@ -203,6 +204,7 @@ class Source:
     group_shot: int | None = None
     cache_images: bool = False
     run_dir: Path | None = None
+    train_seed: int | None = None
 
 
 def _run_source(run: Path, checkpoint: str, device: str | None, num_workers: int | None) -> Source:
@@ -225,7 +227,7 @@ def _run_source(run: Path, checkpoint: str, device: str | None, num_workers: int
                   root=Path(config.data.root), convention=config.data.convention, test=config.test,
                   tracking=config.tracking, device=device or config.train.device, precision=settings.precision,
                   channels_last=settings.channels_last, workers=settings.num_workers, group_shot=config.shot,
-                  cache_images=config.data.cache_images, run_dir=run)
+                  cache_images=config.data.cache_images, run_dir=run, train_seed=int(config.train.seed))
 
 
 def _model_source(model: Path, dataset: str | None, root: Path | None, fold: int | None, convention: str | None,
@@ -424,6 +426,7 @@ def evaluate_command(
         data.preload()
     tracking = src.tracking if wandb is None else dataclasses.replace(src.tracking, wandb=wandb)
     ev = Evaluation(data=data, protocol=proto, tracking=tracking, run_dir=run, group_shot=src.group_shot,
+                    train_seed=src.train_seed,
                     figure_episodes=src.test.figure_episodes, allow_dataset_mismatch=allow_dataset_mismatch,
                     feature_cache=_make_feature_cache(src.test, feature_cache, feature_cache_dir, feature_cache_mb),
                     image_cache=_make_image_cache(src.test, src.workers), track=track, say=say,

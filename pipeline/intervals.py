@@ -101,11 +101,11 @@ def _interval(fold, miou: float, iv, seeds: int, seed_std: float) -> dict:
 
 
 def half_widths(intervals: pd.DataFrame, group: tuple) -> dict:
-    """``{(row, setting, "Fold-k" | "Mean"): half the interval's width}`` of one table."""
+    """``{(row, setting, "Fold-k" | "Mean"): (half the interval's width, seed std)}`` of one table."""
     dataset, backbone, protocol = group
     sel = intervals[(intervals["dataset"] == dataset) & (intervals["backbone"] == backbone)
                     & (intervals["protocol"] == protocol)]
-    return {(r.row, r.setting, r.fold if r.fold == MEAN else f"Fold-{r.fold}"): (r.high - r.low) / 2
+    return {(r.row, r.setting, r.fold if r.fold == MEAN else f"Fold-{r.fold}"): ((r.high - r.low) / 2, r.seed_std)
             for r in sel.itertuples()}
 
 

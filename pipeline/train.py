@@ -36,6 +36,7 @@ import torch
 from fss.errors import ConfigError
 from fss.evaluation import validation_protocol
 from fss.layout import channels_last_batch
+from fss.precision import autocast
 from fss.schedule import poly_lr
 
 from pipeline import distributed as D
@@ -253,7 +254,7 @@ def train_step(t: Trainer, it: int, batch: dict, lr: float, stop_requested: bool
     t.model.set_train_progress(it / t.total)  # methods whose training follows the schedule (FSSModel)
     if t.ctx.distributed:  # per-rank training randomness keyed by (seed, rank, iteration)
         D.seed_rank_step(t.config.train.seed, t.ctx.rank, it)
-    with _autocast(t.config, t.device)():
+    with autocast(t.config.train.precision, t.device):
         output = t.net(batch)
     # mean over ranks of the losses (the global batch's loss) and, in the same all-reduce,
     # whether any rank got a stop signal: every rank stops at the same step
@@ -439,13 +440,3 @@ def train_summary(t: Trainer, state: L.LoopState, selected: str, source: Path) -
         "world_size": t.ctx.world_size,  # torchrun processes (train.batch_size is their global batch)
         "deterministic_algorithms": t.deterministic,
     }
-
-
-def _autocast(config: RunConfig, device):
-    import contextlib
-
-    import torch
-
-    if config.train.precision == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext

@@ -75,7 +75,7 @@ def evaluate_on_validation(config, model_path: Path, shot: int, out: Path, knob_
                                   knobs=dict(knob_overrides or {}))
     device = resolve_device(config.train.device)
     data = open_split(config, config.validation.split)
-    report, _ = score(model.to(device), ScoredModel.from_meta(meta, model_path, "trial"), data,
+    report, _ = score(model.to(device), ScoredModel.from_meta(meta, model_path, "trial", int(config.train.seed)), data,
                       validation_protocol(config), run_settings(config, device, shot=int(shot)),
                       interval=Interval.of(config.test))
     write_json(out, report)
