@@ -163,7 +163,10 @@ def dense_compare_stats(model, feat: dict, classes: torch.Tensor) -> dict:
     """(b) and (c): norms at the concatenation; dead units, variance shares, output changes."""
     q, p = feat["query"]["reduced"], feat["proto_reduced"]
     c = q.shape[1]
-    tile = lambda v: v[..., None, None].expand(-1, -1, *q.shape[-2:])  # noqa: E731
+
+    def tile(v):
+        return v[..., None, None].expand(-1, -1, *q.shape[-2:])
+
     other = p[other_class_index(classes)]
     conv = model.dense_compare[0]
     from_q = _conv_part(conv, q, slice(0, c))
@@ -333,7 +336,6 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON of every number")
     args = parser.parse_args(argv)
     args.runs = args.runs or args.clone / "runs"
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     report = {"clone": str(args.clone), "runs": str(args.runs), "episodes": args.episodes,
               "folds": {str(f): diagnose_fold(args, f) for f in args.folds}}
     text = json.dumps(report, indent=1)
