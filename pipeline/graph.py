@@ -20,7 +20,7 @@ import typer
 import yaml
 
 from fss.errors import ConfigError
-from fss.models.registry import get_method
+from fss.models.registry import get_method, list_methods
 from pipeline.codedeps import stage_code
 from pipeline.config import load_params
 from pipeline.runs import atomic_write_text
@@ -105,9 +105,13 @@ def _fixed_stages() -> dict[str, dict]:
 def _aggregate_stage() -> dict:
     return {
         "cmd": "fss aggregate --runs evals --out results",
-        "deps": [*stage_code("aggregate"), "evals"],
+        # every method module: the rows' names, bases and floor come from the registry
+        "deps": [*stage_code("aggregate", tuple(list_methods())), "evals"],
         "outs": ["results/results.csv", *(f"results/table_{t}.{e}" for t in ("miou", "fbiou") for e in ("md", "tex", "csv")),
-                 "results/chart_miou.png", "results/summary.json"],
+                 "results/chart_miou.png", "results/summary.json", "results/intervals.csv",
+                 "results/table_differences.csv",
+                 # committed: the README's table (tests/test_readme_results.py) and the paired differences
+                 {"results/readme_table.md": {"cache": False}}, {"results/table_differences.md": {"cache": False}}],
         # one small file per table row and shot: mean mIoU / FB-IoU over the folds
         "metrics": [{"results/metrics": {"cache": False}}],
     }

@@ -249,7 +249,9 @@ def log_evaluation(tracker: Tracker, report: Mapping[str, Any], class_names: Map
 
 def log_aggregate(tracking, out: str | os.PathLike, warn: Callable[[str], None]) -> None:
     """One ``aggregate`` W&B run with the tables ``fss aggregate`` wrote to ``out``: the
-    paper's mIoU and FB-IoU tables and ``results`` (one row per fold evaluation)."""
+    paper's mIoU and FB-IoU tables (with the intervals' half-widths), ``results`` (one row per
+    fold evaluation), ``intervals`` (every cell's and mean's 95% interval) and
+    ``table_differences`` (the paired differences)."""
     import pandas as pd
 
     tracker = Tracker(enabled=tracking.wandb, project=tracking.project, entity=tracking.entity,
@@ -257,7 +259,7 @@ def log_aggregate(tracking, out: str | os.PathLike, warn: Callable[[str], None])
                       config={"out": str(out)})
     if not tracker.active:
         return
-    for name in ("table_miou", "table_fbiou", "results"):
+    for name in ("table_miou", "table_fbiou", "results", "intervals", "table_differences"):
         path = Path(out) / f"{name}.csv"
         if path.is_file():
             tracker.table(name, frame=pd.read_csv(path))

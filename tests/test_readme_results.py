@@ -1,6 +1,8 @@
 """The README's table of the embedded benchmark says what the committed metrics files say.
 
-The table is copied by hand from a run's `results/table_*.md`; this test reads the committed
+`fss aggregate` writes the table (`results/readme_table.md`) and `fss aggregate --readme README.md`
+puts it between the README's markers; this test checks that the README holds exactly that file,
+and reads the committed
 `README.md`, `evals/<method>/fold<k>-<K>shot[-shifted-support].metrics.json` and
 `results/metrics/` from git's HEAD (so an experiment's rewritten metrics in the working tree
 do not count) and checks every cell at one decimal, as `fss aggregate` prints them.
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fss.models.registry import get_method, list_methods
-from pipeline.aggregate import _fmt
+from pipeline.aggregate import README_MARKERS, README_TABLE, _fmt
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Current results of the embedded benchmark"
@@ -44,7 +46,7 @@ def _readme_rows() -> dict[str, list[str]]:
     for line in text.split(HEADING, 1)[1].splitlines():
         if line.startswith("## "):
             break
-        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        cells = [c.strip().strip("*").split(" ±")[0] for c in line.strip().strip("|").split("|")]
         if line.startswith("| ") and cells[0] in NAMES:
             rows[cells[0]] = cells[1:]
     return rows
@@ -66,3 +68,12 @@ def test_readme_table_matches_the_committed_metrics():
         assert rows[name] == expected, (
             f"README.md's row {name!r} reads {rows[name]} but the committed metrics give "
             f"{expected}: copy the row from results/table_miou.md and table_fbiou.md")
+
+
+def test_readme_table_is_the_one_fss_aggregate_wrote():
+    readme, table = _committed("README.md"), _committed(f"results/{README_TABLE}")
+    begin, end = README_MARKERS
+    block = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert block == "\n" + table, (f"README.md's table differs from results/{README_TABLE}; run "
+                                   f"'uv run fss aggregate --runs evals --out results --readme README.md'")
+    assert " ±" in table  # the means carry their intervals

@@ -4,7 +4,11 @@ Files written to ``--out``::
 
     table.csv / table.md / table.tex   rows = parameter values, columns = folds + mean (mIoU %),
                                        the best row marked (bold in md/tex, ``best`` in CSV);
-                                       sampled values to 4 significant digits
+                                       sampled values to 4 significant digits; each mean with
+                                       ± half its 95% bootstrap interval over the validation
+                                       episodes and its paired difference against the baseline
+                                       point (``--baseline``; ends and flags in the CSV;
+                                       ``pipeline.sweep.intervals``)
     pivot.csv / pivot.md / pivot.tex   two-parameter grids only: mean mIoU, rows x columns
     importance.png / importance.html   parameter importance (share of the objective's variance
                                        explained by each parameter: between-group sum of squares
@@ -27,9 +31,12 @@ import typer
 from optuna.trial import TrialState
 
 from fss.errors import ConfigError
+from fss.uncertainty import DEFAULT_REPLICATES, DEFAULT_SEED
 from pipeline.runs import atomic_write_text, write_json
 from pipeline.sweep.queueing import LEGACY_LOCK, STUDY_INFO, counts
 from pipeline.sweep.storage import DEFAULT_JOURNAL, DEFAULT_SQLITE, normalize_storage, open_storage
+from pipeline.intervals import Bootstrap
+from pipeline.sweep.intervals import add_intervals, difference_text, trial_counts
 from pipeline.sweep.study import label as _label, load_study, point_key
 
 
@@ -37,8 +44,10 @@ def _complete_trials(study) -> list:
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("fss_scores")]
 
 
-def table_rows(study, info: Mapping[str, Any]) -> tuple[list[str], list[dict]]:
-    """(column names, rows) of the ablation table; numbers are mIoU in %."""
+def table_rows(study, info: Mapping[str, Any], baseline: str | None = None,
+               boot: Bootstrap = Bootstrap()) -> tuple[list[str], list[dict]]:
+    """(column names, rows) of the ablation table; numbers are mIoU in %, with each mean's
+    interval and paired difference against ``baseline`` (``pipeline.sweep.intervals``)."""
     names = [p["name"] for p in info["params"]]
     shots = [str(s) for s in info["shots"]]
     folds = [str(f) for f in info["folds"]]
@@ -61,9 +70,11 @@ def table_rows(study, info: Mapping[str, Any]) -> tuple[list[str], list[dict]]:
                 seen.add(point_key(p))
                 unique.append(p)
         points = unique
-    rows = []
+    rows, counts, labels = [], [], []
     for point in points:
         trials = done.get(point_key(point), [])
+        counts.append({s: trial_counts(trials, s, folds) for s in shots})
+        labels.append(" / ".join(_label(point[n]) for n in names))
         shown = _short if info["mode"] == "tune" else _label  # sampled values: 4 significant digits
         row: dict[str, Any] = {n.split(".")[-1] if len(names) == 1 else n: shown(point[n]) for n in names}
         if info["mode"] == "tune" and trials:
@@ -81,12 +92,13 @@ def table_rows(study, info: Mapping[str, Any]) -> tuple[list[str], list[dict]]:
         if info.get("reference"):
             row["paper"] = info["reference"].get(" / ".join(_label(point[n]) for n in names))
         rows.append(row)
+    add_intervals(rows, counts, shots, multi, baseline, labels, boot)
     means = [r[f"{shots[0]}-shot mean" if multi else "mean"] for r in rows]
     valid = [m for m in means if m is not None]
     best = max(valid) if valid else None
     for r, m in zip(rows, means):
         r["best"] = best is not None and m == best
-    columns = list(rows[0]) if rows else [*names, *score_cols, "best"]
+    columns = list(dict.fromkeys(c for r in rows for c in r)) if rows else [*names, *score_cols, "best"]
     return columns, rows
 
 
@@ -110,18 +122,31 @@ def _numeric_best(rows: list[dict], col: str) -> float | None:
     return max(vals) if vals else None
 
 
+_DETAIL = (" low", " high", " contains 0", " ±")
+
+
+def _shown(columns: list[str]) -> list[str]:
+    """The columns of the md/tex tables (the interval's ends and flags are in the CSV only)."""
+    return [c for c in columns if c != "best" and not c.endswith(_DETAIL)]
+
+
+def _cell(r: dict, c: str, bests: dict, bold=lambda t: f"**{t}**", pm: str = " ±") -> str:
+    if " vs " in c:
+        return difference_text(r, c)
+    text = _fmt(r.get(c))
+    if isinstance(r.get(c), float) and bests.get(c) is not None and r[c] == bests[c]:
+        text = bold(text)
+    return text + (f"{pm}{r[c + ' ±']:.1f}" if isinstance(r.get(c + " ±"), float) else "")
+
+
 def to_markdown(columns: list[str], rows: list[dict], title: str) -> str:
-    shown = [c for c in columns if c != "best"]
-    bests = {c: _numeric_best(rows, c) for c in shown if c != "paper"}
-    lines = [f"**{title}** (validation mIoU %, best in bold)", "", "| " + " | ".join(shown) + " |",
+    shown = _shown(columns)
+    bests = {c: _numeric_best(rows, c) for c in shown if c != "paper" and " vs " not in c}
+    lines = [f"**{title}** (validation mIoU %, best in bold; ± half the 95% interval over episodes; "
+             f"vs: paired difference [95% interval], ° = contains 0)", "", "| " + " | ".join(shown) + " |",
              "|" + "|".join("---" for _ in shown) + "|"]
     for r in rows:
-        cells = []
-        for c in shown:
-            text = _fmt(r.get(c))
-            if isinstance(r.get(c), float) and bests.get(c) is not None and r[c] == bests[c]:
-                text = f"**{text}**"
-            cells.append(text)
+        cells = [_cell(r, c, bests) for c in shown]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -135,19 +160,16 @@ def _tex_escape(text: str) -> str:
 
 
 def to_latex(columns: list[str], rows: list[dict], title: str) -> str:
-    shown = [c for c in columns if c != "best"]
-    bests = {c: _numeric_best(rows, c) for c in shown if c != "paper"}
+    shown = _shown(columns)
+    bests = {c: _numeric_best(rows, c) for c in shown if c != "paper" and " vs " not in c}
     align = "".join("c" if any(isinstance(r.get(c), float) for r in rows) else "l" for c in shown)
     lines = [r"\begin{table}[t]", r"\centering", f"\\caption{{{_tex_escape(title)} (validation mIoU \\%)}}",
              r"\begin{tabular}{" + align + "}", r"\toprule", " & ".join(_tex_escape(c) for c in shown) + r" \\",
              r"\midrule"]
     for r in rows:
-        cells = []
-        for c in shown:
-            text = _tex_escape(_fmt(r.get(c)))
-            if isinstance(r.get(c), float) and bests.get(c) is not None and r[c] == bests[c]:
-                text = f"\\textbf{{{text}}}"
-            cells.append(text)
+        cells = [_tex_escape(_cell(r, c, bests, bold=lambda t: "@B@" + t + "@E@", pm=" $PM$ "))
+                 .replace("@B@", "\\textbf{").replace("@E@", "}").replace(r"\$PM\$", r"$\pm$").replace("°", r"$^\circ$")
+                 for c in shown]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
@@ -267,12 +289,13 @@ def trials_csv(study, path: Path) -> None:
     frame.to_csv(path, index=False)
 
 
-def write_report(study, info: Mapping[str, Any], out: str | Path) -> list[Path]:
+def write_report(study, info: Mapping[str, Any], out: str | Path, baseline: str | None = None,
+                 boot: Bootstrap = Bootstrap()) -> list[Path]:
     """Every report file of ``study`` in ``out`` (see the module docstring)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     title = info.get("title") or info["name"]
-    columns, rows = table_rows(study, info)
+    columns, rows = table_rows(study, info, baseline, boot)
     to_csv(columns, rows, out / "table.csv")
     atomic_write_text(out / "table.md", to_markdown(columns, rows, title))
     atomic_write_text(out / "table.tex", to_latex(columns, rows, title))
@@ -335,8 +358,14 @@ def report_command(
     name: str = typer.Argument(..., help="Study name (or its study file)."),
     storage: Optional[str] = typer.Option(None, help="Storage URL (default: the study's output directory)."),
     out: Path = typer.Option(..., help="Directory for the table (CSV, LaTeX, Markdown), plots and trials CSV."),
+    baseline: Optional[str] = typer.Option(None, help="Row label every point is compared with, on the same validation "
+                                           "episodes (default: the first grid point, e.g. 0.0 for lambda)."),
+    bootstrap_replicates: int = typer.Option(DEFAULT_REPLICATES, "--bootstrap-replicates", min=1,
+                                             help="Bootstrap replicates of the intervals (resampled episodes)."),
+    bootstrap_seed: int = typer.Option(DEFAULT_SEED, "--bootstrap-seed", min=0, help="Seed of the bootstrap's draws."),
 ) -> None:
-    """The ablation table in the paper's layout, importance and slice plots, the trials CSV."""
+    """The ablation table in the paper's layout with 95% intervals and paired differences against
+    a baseline point, importance and slice plots, the trials CSV."""
     study, url, info = _open_for_report(name, storage)
-    files = write_report(study, info, out)
+    files = write_report(study, info, out, baseline, Bootstrap(bootstrap_replicates, bootstrap_seed))
     typer.echo(json.dumps({"study": study.study_name, "storage": url, "files": [str(f) for f in files]}, sort_keys=True))

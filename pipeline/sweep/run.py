@@ -93,6 +93,7 @@ def run_point(spec: StudySpec, point: Mapping[str, Any], trial_dir: Path, *,
     ``report(step, miou)`` gets the validation checks during training (step = count of
     checks so far in this trial), for pruning and W&B."""
     scores: dict[str, dict[str, float]] = {}
+    reports: dict[str, dict[str, str]] = {}  # the validation reports (their episode counts: fss sweep report's intervals)
     checks = [0]
     overrides = spec.overrides(point)
     test_time_knobs = {k[len("knobs."):]: v for k, v in overrides.items() if k.startswith("knobs.")} \
@@ -124,9 +125,10 @@ def run_point(spec: StudySpec, point: Mapping[str, Any], trial_dir: Path, *,
                 out = run_dir / "val.json"
             miou = evaluate_on_validation(_tracking_off(config), model_path, shot, out, knob_overrides=test_time_knobs)
             scores.setdefault(str(shot), {})[str(fold)] = miou
+            reports.setdefault(str(shot), {})[str(fold)] = str(out)
             say(f"  {tag}: validation mIoU {100 * miou:.2f}")
     values = [v for per_shot in scores.values() for v in per_shot.values()]
-    return {"scores": scores, "objective": sum(values) / len(values)}
+    return {"scores": scores, "objective": sum(values) / len(values), "reports": reports}
 
 
 def _trial_tracker(spec: StudySpec, point: Mapping[str, Any], name: str, say: Say, *, force: bool | None = None):
@@ -203,6 +205,7 @@ def execute_trial(study, storage, trial, spec: StudySpec, *, heartbeat: float, s
                 raise  # missing data or weights: every other trial would fail the same way
             return "FAIL"
         set_attr("fss_scores", result["scores"])
+        set_attr("fss_reports", result["reports"])
         study.tell(trial, result["objective"])
     tracker.log({"objective": result["objective"],
                  **{f"miou/{s}shot/fold{f}": v for s, d in result["scores"].items() for f, v in d.items()}})

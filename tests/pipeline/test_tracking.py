@@ -139,6 +139,9 @@ def test_offline_train_evaluate_and_aggregate_write_wandb_runs(synthetic_root, t
     paper = tables.table("table_miou")
     assert "Method" in paper["columns"] and paper["data"][0][paper["columns"].index("Method")] == "pfenet"
     assert len(tables.table("results")["data"]) == 1
+    intervals = tables.table("intervals")  # one fold: the cell and its mean, each with its interval
+    assert len(intervals["data"]) == 2 and {"low", "high"} <= set(intervals["columns"])
+    assert "1-shot Mean ±" in paper["columns"]
 
 
 def test_wandb_flag_of_every_tracking_command_turns_tracking_on(monkeypatch, tmp_path, capsys):
@@ -165,8 +168,8 @@ def test_wandb_flag_of_every_tracking_command_turns_tracking_on(monkeypatch, tmp
                             "--out", tmp_path / "r", "--set", "tracking.wandb=true"], capsys)
     assert code == 0 and seen.pop("train") is True, err
 
-    monkeypatch.setattr(tracking, "log_aggregate", lambda t, out, warn: seen.update(aggregate=t.wandb))
-    monkeypatch.setattr("pipeline.aggregate.aggregate", lambda runs, out: {"evaluations": 0})
+    monkeypatch.setattr("pipeline.aggregate.log_aggregate", lambda t, out, warn: seen.update(aggregate=t.wandb))
+    monkeypatch.setattr("pipeline.aggregate.aggregate", lambda runs, out, boot: {"evaluations": 0})
     (tmp_path / "table_miou.md").write_text("")
     code, _, err = run_fss(["aggregate", "--runs", tmp_path, "--out", tmp_path, "--wandb"], capsys)
     assert code == 0 and seen.pop("aggregate") is True, err

@@ -60,7 +60,14 @@ def test_grid_sweep_end_to_end_rerun_and_report(tmp_path, sweep_data, capsys):
                  "slice.html", "trials.csv", "summary.json"):
         assert (rep / name).stat().st_size > 0, name
     table = pd.read_csv(rep / "table.csv")
-    assert list(table.columns) == ["lam", "fold0", "mean", "paper", "best"]
+    vs = "mean vs 0.0"
+    assert list(table.columns) == ["lam", "fold0", "mean", "paper", "mean ±", "mean low", "mean high", vs,
+                                   f"{vs} low", f"{vs} high", f"{vs} contains 0", "best"]
+    # the interval over the 4 validation episodes holds the mean; the baseline against itself is 0
+    assert (table["mean low"] <= table["mean"] + 1e-3).all() and (table["mean"] <= table["mean high"] + 1e-3).all()
+    assert table[vs].tolist()[0] == 0 and table[f"{vs} contains 0"].tolist()[0]
+    assert table[vs].tolist()[1] == pytest.approx(table["mean"].tolist()[1] - table["mean"].tolist()[0], abs=1e-3)
+    assert "±" in (rep / "table.md").read_text() and "vs: paired difference" in (rep / "table.md").read_text()
     by_lam = {t.params["knobs.lam"]: 100 * t.value for t in trials}
     assert table["lam"].tolist() == [0.0, 1.0]
     assert table["mean"].tolist() == pytest.approx([round(by_lam[0.0], 4), round(by_lam[1.0], 4)])
