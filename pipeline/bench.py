@@ -34,6 +34,7 @@ references' operations, and the DataLoader workers a step rate needs: see
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import resource
 import statistics
@@ -41,12 +42,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 import typer
+from rich.console import Console
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
 
 from fss.errors import ConfigError
+from fss.layout import channels_last_batch
+from fss.models.registry import create_model, get_method, list_methods
 from fss.precision import autocast
+from pipeline.config import parse_set_values, resolve_device
 from pipeline.config_schema import TrainLoopConfig
+from pipeline.console import console
 from pipeline.machine import machine_description
+from pipeline.runs import write_json
 
 BENCH_KIND = "fss-bench"
 BENCH_VERSION = 1
@@ -61,8 +71,6 @@ DEFAULT_FG_WEIGHT = TrainLoopConfig().fg_weight
 
 
 def _sync(device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -83,8 +91,6 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device) -> list
 
 def matmul_rate(device, precision: str, size: int, warmup: int = 1, repeats: int = 3) -> dict:
     """FLOP/s of a square ``size x size`` matrix multiply (2 n^3 FLOPs) in ``precision``."""
-    import torch
-
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     g = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
@@ -99,8 +105,6 @@ def matmul_rate(device, precision: str, size: int, warmup: int = 1, repeats: int
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``fn`` (torch.utils.flop_counter; backward included if run)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
@@ -139,8 +143,6 @@ MEMORY_MEASURES = {
 
 def peak_memory(fn: Callable[[], Any], device) -> tuple[int, str]:
     """Bytes of memory one call of ``fn`` needs beyond what was live before it, and how."""
-    import torch
-
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -165,8 +167,6 @@ def synthetic_episodes(batch: int, shot: int, size: int, device, seed: int = 0) 
     foreground rectangle at a random place covering about a quarter of the image, 255 on the
     last rows; ``query_base_masks`` marks another rectangle as base-class pixels.
     """
-    import torch
-
     g = torch.Generator().manual_seed(seed)
 
     def masks(*lead: int) -> torch.Tensor:
@@ -197,10 +197,6 @@ def synthetic_episodes(batch: int, shot: int, size: int, device, seed: int = 0) 
 
 def build_bench_model(method: str, *, backbone: str, shot: int, knobs: dict, device, channels_last: bool,
                       seed: int = 0, fg_weight: float = DEFAULT_FG_WEIGHT):
-    import torch
-
-    from fss.models.registry import create_model
-
     torch.manual_seed(seed)
     model = create_model(method, backbone=backbone, shot=shot, fg_weight=fg_weight, **knobs).to(device)
     if channels_last:
@@ -210,8 +206,6 @@ def build_bench_model(method: str, *, backbone: str, shot: int, knobs: dict, dev
 
 def make_steps(model, batch: dict, precision: str, device):
     """(training step, evaluation step) closures; the training step returns the loss terms."""
-    import torch
-
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=BENCH_LR, momentum=0.9, weight_decay=1e-4)
 
     def train_step() -> dict:
@@ -235,11 +229,6 @@ def bench_method(method: str, *, backbone: str, size: int, batch: int, shot: int
                  channels_last: bool, warmup: int, repeats: int, knobs: dict | None = None, seed: int = 0,
                  fg_weight: float = DEFAULT_FG_WEIGHT) -> dict:
     """Measurements of one method at one precision (see the module docstring)."""
-    import torch
-
-    from fss.models.registry import get_method
-    from fss.layout import channels_last_batch
-
     model = build_bench_model(method, backbone=backbone, shot=shot, knobs=dict(knobs or {}), device=device,
                               channels_last=channels_last, seed=seed, fg_weight=fg_weight)
     episodes = synthetic_episodes(batch, shot, size, device, seed=seed)
@@ -292,8 +281,6 @@ def bench_method(method: str, *, backbone: str, size: int, batch: int, shot: int
 
 
 def _knobs_for(method: str, knobs: dict) -> dict:
-    from fss.models.registry import get_method
-
     spec = get_method(method)
     return {k: v for k, v in knobs.items() if k in spec.knobs}
 
@@ -301,8 +288,6 @@ def _knobs_for(method: str, knobs: dict) -> dict:
 def select_methods(methods: list[str] | None, backbone: str) -> tuple[list[str], list[str], list[str]]:
     """(methods to run in order, bases added for the ratios, default methods skipped because
     they do not support ``backbone``). Explicitly named methods must support it."""
-    from fss.models.registry import get_method, list_methods
-
     explicit = bool(methods)
     chosen = list(dict.fromkeys(methods)) if explicit else list_methods()
     skipped = []
@@ -347,8 +332,6 @@ def run_benchmark(
     fg_weight: float = DEFAULT_FG_WEIGHT,
 ) -> dict:
     """Benchmark ``methods`` (default: all registered); returns the JSON report."""
-    from pipeline.config import resolve_device
-
     say = say or (lambda m: None)
     if size < 9:
         raise ConfigError(f"--size {size} is too small; use at least 9 (e.g. 33, 97, 473).")
@@ -422,8 +405,6 @@ def run_benchmark(
 
 def results_table(report: dict):
     """A rich table of the report (one row per method and precision)."""
-    from rich.table import Table
-
     s, m = report["settings"], report["machine"]
     title = (f"fss bench: {s['backbone']} {s['size']}x{s['size']}, batch {s['batch']}, {s['shot']}-shot, "
              f"{s['device']} ({m['device_name']}, {m['cpu_count']} CPUs, {m['torch_threads']} threads, torch "
@@ -476,8 +457,6 @@ def markdown_table(report: dict) -> str:
 
 
 def _parse_knobs(items: list[str] | None) -> dict:
-    from pipeline.config import parse_set_values
-
     out = parse_set_values(items)
     return {k.removeprefix("knobs."): v for k, v in out.items()}
 
@@ -506,14 +485,6 @@ def bench_command(
 ) -> None:
     """Median time, FLOPs, FLOP/s and peak memory of a training step and an evaluation episode
     (with --data: the training augmentation's time per image)."""
-    import json
-
-    import torch
-    from rich.console import Console
-
-    from pipeline.console import console
-    from pipeline.runs import write_json
-
     if data:
         from pipeline.bench_data import report_data_benchmark  # heavy: the references' torchvision calls
 

@@ -46,6 +46,7 @@ import torchvision.transforms.functional as TF1
 import typer
 from PIL import Image
 from rich.console import Console
+from rich.table import Table
 
 from fss.data import transforms as T
 from fss.data.synthetic import render_image
@@ -352,8 +353,6 @@ def _title(report: dict) -> str:
 
 def data_results_table(report: dict):
     """Rich tables: one row per preset and dataset, then pfenet's operations one by one."""
-    from rich.table import Table
-
     table = Table(title=_title(report), title_justify="left")
     for col in _columns(report):
         table.add_column(col, justify="left" if col in ("preset", "dataset") else "right", no_wrap=True)

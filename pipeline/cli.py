@@ -5,8 +5,12 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
+from fss.errors import FSSError
 from pipeline import aggregate, bench, data_cmd, evaluate, graph, models_cmd, prepare, pretrain, train_cmd
+from pipeline.console import console, prefix_output_lines
+from pipeline.sweep import cli as sweep_cli
 
 app = typer.Typer(
     help="Few-shot segmentation pipeline: prepare data, train, evaluate, aggregate, sweep, bench.",
@@ -24,16 +28,11 @@ app.command("evaluate")(evaluate.evaluate_command)
 app.command("aggregate")(aggregate.aggregate_command)
 app.command("bench")(bench.bench_command)
 app.command("graph")(graph.graph_command)
-from pipeline.sweep import cli as sweep_cli; app.add_typer(sweep_cli.app, name="sweep")  # noqa: E402,E702
+app.add_typer(sweep_cli.app, name="sweep")
 
 
 def main() -> None:
     """Console-script entry: user errors become one red line and exit code 2."""
-    from rich.markup import escape
-
-    from fss.errors import FSSError
-    from pipeline.console import console, prefix_output_lines
-
     prefix_output_lines()  # started by pipeline.parallel: one of several folds writing to one terminal
     try:
         app()

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fss.data import classes as C
+from fss.data.prepared import PreparedDataset, read_meta
 from fss.errors import ConfigError, DataError
 
 app = typer.Typer(help="Inspect prepared datasets.", no_args_is_help=True)
@@ -26,8 +27,6 @@ def _group() -> None:
 def class_counts(root: Path, dataset: str, convention: str | None = None) -> dict[str, dict[str, dict[str, int]]]:
     """``{"fold0": {"train": {"6": 123, ...}, "val": {...}}, ...}``: images indexed under each
     class of the split (1-based class ids as strings, every class of the split listed)."""
-    from fss.data.prepared import PreparedDataset, read_meta  # numpy: keep `fss --help` fast
-
     dataset = C.check_dataset(dataset)
     if convention is not None and dataset != "coco":
         raise ConfigError(f"--coco-split applies to coco only, not to {dataset}; drop it.")
@@ -71,7 +70,6 @@ def summary(
     if as_json:
         typer.echo(json.dumps(result, sort_keys=False))
         return
-    from fss.data.prepared import read_meta
 
     meta = read_meta(root)
     names = list(meta.get("class_names") or [str(c) for c in range(1, C.NUM_CLASSES[dataset] + 1)])

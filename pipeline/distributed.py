@@ -32,14 +32,18 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fss.errors import CheckpointError, ConfigError, DataError, FSSError
+from pipeline.config import resolve_device
 
 BACKENDS = ("auto", "nccl", "gloo")
 T = TypeVar("T")
@@ -123,8 +127,6 @@ def setup_distributed(device_name: str = "auto", backend: str = "auto", timeout_
     group that already exists (a caller's own launcher) is used as it is and not destroyed
     by :func:`teardown_distributed`.
     """
-    from pipeline.config import resolve_device
-
     env = os.environ if env is None else env
     world = launched_world_size(env)
     device = resolve_device(device_name)
@@ -241,10 +243,6 @@ def seed_rank_step(seed: int, rank: int, iteration: int) -> None:
     Distributed runs only: the model's training-time randomness differs between ranks and
     does not depend on where a run was interrupted (the checkpoint holds rank 0's RNG only).
     """
-    import random
-
-    import numpy as np
-
     digest = hashlib.sha256(f"fss-train-rank:{int(seed)}:{int(rank)}:{int(iteration)}".encode()).digest()
     value = int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
     random.seed(value)
@@ -337,7 +335,6 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, *, find
     """
     if not ctx.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     if sync_batchnorm:
         use_global_batchnorm(model)
@@ -348,6 +345,4 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, *, find
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain model inside a DDP wrapper (its state dict has no ``module.`` prefix)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     return model.module if isinstance(model, DistributedDataParallel) else model

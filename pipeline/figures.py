@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
 
-from fss.atomic import create_temporary
+from fss.atomic import atomic_path, create_temporary
 
 #: overlay colours (RGB 0..1): foreground, ignore
 FOREGROUND = np.array([1.0, 0.15, 0.15])
@@ -16,7 +18,7 @@ IGNORE = np.array([1.0, 1.0, 1.0])
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # heavy: figures only
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -89,10 +91,6 @@ def episode_figure(samples: Sequence[Mapping], path: str | os.PathLike, title: s
     Drawn with PIL rather than matplotlib: every ``fss evaluate`` writes one per shot, and
     importing and laying out matplotlib cost about 2 s per evaluation process.
     """
-    from PIL import Image, ImageDraw
-
-    from fss.atomic import atomic_path
-
     heads = ("support + mask", "query", "ground truth", "prediction")
     label_w, head_h, title_h, gap = 96, 18, 22 if title else 0, 4
     rows = len(samples)
@@ -133,8 +131,6 @@ def episode_figure(samples: Sequence[Mapping], path: str | os.PathLike, title: s
 def curves_figure(curves_csv: str | os.PathLike, path: str | os.PathLike, val_csv: str | os.PathLike | None = None,
                   title: str = "") -> None:
     """Loss terms and learning rate (and validation mIoU) against the iteration."""
-    import pandas as pd
-
     plt = _plt()
     df = pd.read_csv(curves_csv)
     losses = [c for c in df.columns if c not in ("iteration", "epoch", "lr", "seconds")]

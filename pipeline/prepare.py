@@ -9,6 +9,9 @@ from typing import Optional
 
 import typer
 
+from fss.data.coco import prepare_coco
+from fss.data.pascal import prepare_pascal
+from fss.data.synthetic import prepare_synthetic
 from pipeline.console import console, track
 
 app = typer.Typer(help="Prepare a dataset: render masks, build the per-fold lists.", no_args_is_help=True)
@@ -41,8 +44,6 @@ def pascal(
     filter_intersection: bool = typer.Option(False, help="bam: drop training images that contain any novel class."),
 ) -> None:
     """PASCAL-5i from VOC2012 plus SBD (or a ready SegmentationClassAug)."""
-    from fss.data.pascal import prepare_pascal
-
     summary = prepare_pascal(
         voc_root, out, sbd_root=sbd_root, aug_root=aug_root, train_list=train_list.value,
         min_area=min_area, filter_intersection=filter_intersection, track=track,
@@ -59,8 +60,6 @@ def coco(
     filter_intersection: bool = typer.Option(False, help="bam: drop training images that contain any novel class."),
 ) -> None:
     """COCO-20i from the 2014 images and instance annotations (both fold conventions)."""
-    from fss.data.coco import prepare_coco
-
     summary = prepare_coco(
         coco_root, out, crowd=crowd.value, min_area=min_area,
         filter_intersection=filter_intersection, track=track,
@@ -80,8 +79,6 @@ def synthetic(
     min_area: Optional[int] = typer.Option(None, help="Small-object rule in pixels (default: 2048 scaled to the image area, round(2048*size^2/(500*375)))."),
 ) -> None:
     """The embedded synthetic benchmark (20 classes, 4 folds), written in the VOC layout."""
-    from fss.data.synthetic import prepare_synthetic
-
     kwargs = dict(size=size, train_images=train_images, val_images=val_images, holdout_images=holdout_images,
                   min_area=min_area)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}

@@ -28,15 +28,18 @@ import io
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 import yaml
 
 from fss.atomic import atomic_write_text, disk_full, remove_stale_temporaries  # noqa: F401  (re-exported: pipeline code imports it from here)
 from fss.errors import CheckpointError, ConfigError, StorageError
+from fss.models.checkpoints import atomic_torch_save, safe_torch_load
 
 from pipeline.codedeps import REPO, train_code
 from pipeline.config import RunConfig, config_differences, config_from_dict
@@ -202,8 +205,6 @@ class RunDir:
         return f"its {', '.join(changed)} changed" if changed else None
 
     def _empty(self) -> None:
-        import shutil
-
         for p in self.path.iterdir():
             if p.name == ".gitignore":
                 continue
@@ -335,8 +336,6 @@ def _fmt(v: Any) -> Any:
 
 def capture_rng_state() -> dict[str, Any]:
     """Every global RNG as tensors / plain lists (weights_only-loadable)."""
-    import torch
-
     np_state = np.random.get_state()
     py_state = random.getstate()
     state: dict[str, Any] = {
@@ -352,8 +351,6 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
-    import torch
-
     torch.set_rng_state(state["torch"])
     meta = state["numpy_meta"]
     np.random.set_state((meta[0], state["numpy_keys"].numpy().astype(np.uint32), int(meta[1]), int(meta[2]), float(meta[3])))
@@ -384,8 +381,6 @@ def save_checkpoint(path: str | os.PathLike, *, config: RunConfig, iteration: in
                     extra: Mapping[str, Any] | None = None) -> None:
     """Write the resume state atomically (a temporary file renamed over the old one); ``extra``:
     what else the task keeps (JSON; pretraining's losses)."""
-    from fss.models.checkpoints import atomic_torch_save
-
     blob = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -406,8 +401,6 @@ def save_checkpoint(path: str | os.PathLike, *, config: RunConfig, iteration: in
 
 
 def _to_cpu(obj: Any) -> Any:
-    import torch
-
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
@@ -425,8 +418,6 @@ REQUIRED_KEYS = ("format", "version", "config_json", "iteration", "total_iterati
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read and fully check a resume checkpoint before anything is loaded from it."""
-    from fss.models.checkpoints import safe_torch_load
-
     blob = safe_torch_load(path)  # corrupt / truncated -> CheckpointError
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this project; remove it or choose a new --out.")

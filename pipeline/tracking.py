@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlparse
 
+import pandas as pd
+
 
 def _has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -91,7 +93,7 @@ class Tracker:
         if self.mode == "disabled":
             return
         try:
-            import wandb
+            import wandb  # optional: W&B only when tracking is on
 
             self._wandb = wandb
             settings = wandb.Settings(init_timeout=float(init_timeout), silent=True, console="off")
@@ -252,8 +254,6 @@ def log_aggregate(tracking, out: str | os.PathLike, warn: Callable[[str], None])
     paper's mIoU and FB-IoU tables (with the intervals' half-widths), ``results`` (one row per
     fold evaluation), ``intervals`` (every cell's and mean's 95% interval) and
     ``table_differences`` (the paired differences)."""
-    import pandas as pd
-
     tracker = Tracker(enabled=tracking.wandb, project=tracking.project, entity=tracking.entity,
                       job_type="aggregate", name="aggregate", init_timeout=tracking.init_timeout, warn=warn,
                       config={"out": str(out)})

@@ -26,23 +26,27 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from fss.errors import ConfigError
 from fss.evaluation import validation_protocol
 from fss.layout import channels_last_batch
+from fss.models.checkpoints import save_model_file
+from fss.models.registry import create_model
 from fss.precision import autocast
 from fss.schedule import poly_lr
 
-from pipeline import distributed as D
-from pipeline import loop as L
+from pipeline import distributed as D, loop as L, runs as R
 from pipeline.config import RunConfig, bf16_cpu_warning
 from pipeline.eval_report import Interval, ScoredModel, run_settings, score
+from pipeline.tracking import model_artifact_name, start_training
 from pipeline.train_data import EpochBatches, build_training_episodes, open_split
 
 TrackFn = Callable[..., Any]
@@ -86,8 +90,6 @@ def make_optimizer(config: RunConfig, model):
 
 
 def build_model(config: RunConfig, shot: int | None = None, with_weights: bool = True):
-    from fss.models.registry import create_model
-
     return create_model(
         config.method, backbone=config.backbone, shot=shot or config.shot,
         backbone_weights=config.backbone_weights if with_weights else None,
@@ -106,18 +108,11 @@ def set_determinism(config: RunConfig, device) -> bool:
 
 def set_threads(count: int) -> None:
     """``train.num_threads``: torch's intra-op threads (0 keeps torch's default)."""
-    import torch
-
     if count > 0 and torch.get_num_threads() != count:
         torch.set_num_threads(count)
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -180,8 +175,6 @@ class Trainer:
 
 def setup(config: RunConfig, out, say: Callable[[str], None], restart_on_change: bool = False) -> Trainer:
     """Processes, determinism, data, model and optimiser of a run (nothing read from a checkpoint yet)."""
-    from pipeline import runs as R
-
     # torchrun: one process per device; rank 0 alone touches the run directory (pipeline.loop.MainProcess)
     D.per_rank_batch_size(config.train.batch_size, D.launched_world_size())  # before any rank waits for another
     ctx, device = D.setup_distributed(config.train.device, config.train.dist_backend, config.train.dist_timeout_minutes)
@@ -248,7 +241,6 @@ def resume_or_start(t: Trainer) -> L.LoopState:
 
 def train_step(t: Trainer, it: int, batch: dict, lr: float, stop_requested: bool) -> tuple[dict, bool]:
     """One optimiser step at ``lr``; the losses (mean over ranks) and whether any rank was asked to stop."""
-
     for group in t.optimizer.param_groups:
         group["lr"] = lr
     t.model.set_train_progress(it / t.total)  # methods whose training follows the schedule (FSSModel)
@@ -282,9 +274,6 @@ def log_losses(t: Trainer, state: L.LoopState, epoch: int, lr: float, losses: di
 
 def validate(t: Trainer, state: L.LoopState, epoch: int, on_validation: Callable[[int, float], None] | None) -> None:
     """Score the model on the validation episodes; a better mIoU writes ``model_best.pt``."""
-    from fss.models.checkpoints import save_model_file
-    from pipeline import runs as R
-
     config, iteration = t.config, state.iteration
     with R.rng_preserved():  # validation must not change the training randomness (bit-identical resume)
         result, _ = score(t.model, ScoredModel.from_config(config, selection=f"iteration {iteration}"), t.val_data,
@@ -326,8 +315,6 @@ def train_run(
     the process had been killed right after a checkpoint. ``restart_on_change``: a run directory
     of another configuration, code, backbone weights or data is emptied instead of refused.
     """
-    from pipeline.tracking import start_training
-
     t = setup(config, out, say or (lambda m: None), restart_on_change=restart_on_change)
     t.on_validation = on_validation
     state = resume_or_start(t)
@@ -366,9 +353,6 @@ def run_result(t: Trainer, state: L.LoopState, status: str, *, signal: int | Non
 def write_final_files(t: Trainer, state: L.LoopState, plots_dir) -> dict:
     """Rank 0, at the end (again when a finished run is rerun): the model files, train_summary.json,
     empty curves/val tables where nothing was logged, plot copies and W&B's summary; the summary."""
-    from pipeline import runs as R
-    from pipeline.tracking import model_artifact_name
-
     run, config = t.run, t.config
     selected, source = save_selected_model(t)
     summary = train_summary(t, state, selected, source)
@@ -390,9 +374,6 @@ def write_final_files(t: Trainer, state: L.LoopState, plots_dir) -> dict:
 
 def save_selected_model(t: Trainer) -> tuple[str, Path]:
     """model_last.pt, and model.pt linked to it or to model_best.pt (validation.select); which, and its file."""
-    from fss.models.checkpoints import save_model_file
-    from pipeline import runs as R
-
     config, run = t.config, t.run
     save_model_file(run.file(R.MODEL_LAST), t.model, method=config.method, backbone=config.backbone,
                     shot=config.shot, knobs=dict(config.knobs), source=f"run:{run.path}@{t.total}")
@@ -413,8 +394,6 @@ def save_selected_model(t: Trainer) -> tuple[str, Path]:
 
 def train_summary(t: Trainer, state: L.LoopState, selected: str, source: Path) -> dict:
     """train_summary.json: what was trained, how long, which weights were selected."""
-    from pipeline import runs as R
-
     config, best = t.config, state.best
     return {
         "kind": "fss-train-summary",

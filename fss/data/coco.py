@@ -39,7 +39,7 @@ MASK_DIR = "masks"
 
 def load_coco(path: Path):
     """A pycocotools ``COCO`` index of an instances JSON, with one-line errors and no prints."""
-    from pycocotools.coco import COCO
+    from pycocotools.coco import COCO  # optional: COCO only
 
     path = Path(path)
     if not path.is_file():

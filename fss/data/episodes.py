@@ -311,7 +311,7 @@ def _weak_support_mask(kind: str, binary: np.ndarray, data: PreparedDataset, rec
                        class_id: int, rng: np.random.Generator, unlabelled: int) -> np.ndarray:
     """Replace a dense support mask by a bbox or scribble one (fss.data.weak, PANet Table 6)."""
     try:
-        from fss.data import weak
+        from fss.data import weak  # optional: scipy, for weak annotations only
     except ImportError:
         raise ConfigError(
             f"support_annotation={kind!r} needs fss/data/weak.py, which is not installed; use 'dense'."

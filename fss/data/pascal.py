@@ -106,7 +106,7 @@ def read_ids(path: Path) -> list[str]:
 
 def read_sbd_mat(path: Path, struct: str) -> np.ndarray:
     """The ``Segmentation`` field of the MATLAB struct ``struct`` (``GTcls``/``GTinst``)."""
-    import scipy.io
+    import scipy.io  # heavy: scipy, for SBD .mat files only
 
     try:
         mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)

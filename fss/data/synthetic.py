@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -491,8 +492,6 @@ def colour_prototype_miou(root: str | Path, fold: int = 0, *, shot: int = 1, epi
     support's class pixels and of its other non-ignored pixels. A check that the benchmark is
     not solved by colour alone; run by hand: ``python -m fss.data.synthetic ROOT``.
     """
-    from fss.data.prepared import PreparedDataset
-
     data = PreparedDataset(root, fold, "val")
     rng = np.random.Generator(np.random.PCG64(seed))
     classes = [c for c in data.classes if len(data.class_index[c]) > shot]
@@ -520,8 +519,6 @@ def colour_prototype_miou(root: str | Path, fold: int = 0, *, shot: int = 1, epi
 
 
 if __name__ == "__main__":  # pragma: no cover - a by-hand check
-    import sys
-
     root = sys.argv[1]
     for k in range(C.NUM_FOLDS):
         for shot in (1, 5):

@@ -27,7 +27,9 @@ from typing import Any, Callable
 
 import torch
 
+from fss.atomic import atomic_path
 from fss.errors import CheckpointError, ConfigError
+from fss.models.registry import create_model, get_method
 
 MODEL_FILE_FORMAT = "fss-model"
 
@@ -60,8 +62,6 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` to ``path`` through a temporary file and a rename (never half-written)."""
-    from fss.atomic import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)  # through a file object, a full disk is an OSError (ENOSPC), not torch's "enforce fail"
 
@@ -113,8 +113,6 @@ def check_model_dataset(blob: dict, path, dataset: str, allow_mismatch: bool = F
 
 def with_eval_ways(method: str, knobs: dict, ways: int | None, path) -> dict:
     """``knobs`` with the evaluation's number of ways (a test-time choice: no weight depends on it)."""
-    from fss.models.registry import get_method
-
     if ways is None:
         return dict(knobs)
     if "ways" in get_method(method).knobs:
@@ -139,8 +137,6 @@ def load_model_file(path, *, shot: int | None = None, ways: int | None = None, d
     sweep of a test-time knob). ``method``: refuse a file of another method. ``meta`` is the
     file without its weights, with the knobs the model was built with.
     """
-    from fss.models.registry import create_model
-
     blob = read_model_file(path)
     if method is not None and blob["method"] != method:
         raise CheckpointError(f"{path} holds a {blob['method']} model, not {method}; give a {method} model file.")
@@ -197,7 +193,7 @@ def import_checkpoint(fmt: str, path, dataset: str | None = None, **options) -> 
     given) and is recorded in the report. Returns ``(model, report)``; the report has the
     fields :data:`IMPORT_REPORT_FIELDS`.
     """
-    import fss.models  # noqa: F401  (registers the importers)
+    import fss.models  # noqa: F401  cycle: fss.models imports this module; this registers the importers
 
     if fmt not in IMPORTERS:
         raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of: {', '.join(sorted(IMPORTERS))}.")

@@ -27,16 +27,17 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import optuna
+import pandas as pd
 import typer
 from optuna.trial import TrialState
 
 from fss.errors import ConfigError
 from fss.uncertainty import DEFAULT_REPLICATES, DEFAULT_SEED
+from pipeline.intervals import Bootstrap
 from pipeline.runs import atomic_write_text, write_json
+from pipeline.sweep.intervals import add_intervals, difference_text, trial_counts
 from pipeline.sweep.queueing import LEGACY_LOCK, STUDY_INFO, counts
 from pipeline.sweep.storage import DEFAULT_JOURNAL, DEFAULT_SQLITE, normalize_storage, open_storage
-from pipeline.intervals import Bootstrap
-from pipeline.sweep.intervals import add_intervals, difference_text, trial_counts
 from pipeline.sweep.study import label as _label, load_study, point_key
 
 
@@ -176,8 +177,6 @@ def to_latex(columns: list[str], rows: list[dict], title: str) -> str:
 
 
 def to_csv(columns: list[str], rows: list[dict], path: Path) -> None:
-    import pandas as pd
-
     frame = pd.DataFrame([{c: (round(r[c], 4) if isinstance(r.get(c), float) else r.get(c)) for c in columns}
                           for r in rows], columns=columns)
     frame.to_csv(path, index=False)
@@ -234,7 +233,7 @@ def _slice_points(study, info) -> dict[str, tuple[list, list[float]]]:
 
 
 def plot_files(study, info: Mapping[str, Any], out: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # heavy: matplotlib and plotly for the plots only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -124,14 +124,14 @@ def take_mark(storage, study_name: str, mark: str) -> bool:
 
 
 def _marks_table():
-    import sqlalchemy as sa
+    import sqlalchemy as sa  # heavy: PostgreSQL storages only
 
     return sa.Table(MARKS_TABLE, sa.MetaData(), sa.Column("study_name", sa.String(512), nullable=False),
                     sa.Column("mark", sa.String(32), primary_key=True))
 
 
 def _insert_mark(engine, study_name: str, digest: str) -> bool:
-    import sqlalchemy as sa
+    import sqlalchemy as sa  # heavy: PostgreSQL storages only
 
     table = _marks_table()
     try:
@@ -181,7 +181,7 @@ def open_storage(url: str, *, create_dirs: bool = False):
             raise ConfigError(f"cannot open storage {shown}: {path} is not a file; choose another --storage.")
     try:
         if is_journal(url):
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
+            from optuna.storages.journal import JournalFileBackend, JournalStorage  # optional: journal storages only
 
             storage = JournalStorage(JournalFileBackend(str(path)))
             _MARK_DIRS[storage] = marks_dir(path)

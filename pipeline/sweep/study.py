@@ -40,13 +40,14 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Mapping
 
+import optuna.distributions as D
 import yaml
 
 from fss.data.classes import check_dataset
 from fss.errors import ConfigError
+from fss.evaluation import make_protocol, validation_protocol
 from fss.models.registry import get_method
 from pipeline.config import expand_set_key, resolve_run_config
-from fss.evaluation import make_protocol, validation_protocol
 
 TOP_KEYS = {
     "study": "the study name (default: the file's stem)",
@@ -96,8 +97,6 @@ class ParamSpec:
 
     def distribution(self):
         """The Optuna distribution of this parameter."""
-        import optuna.distributions as D
-
         if self.kind in ("values", "choices"):
             return D.CategoricalDistribution(list(self.values))
         if self.kind == "variants":

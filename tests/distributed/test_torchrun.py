@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 ITERATIONS = 12
 RUN_FILES = {R.CONFIG_FILE, R.CHECKPOINT_FILE, R.CURVES_FILE, R.VAL_FILE, R.MODEL_LAST, R.MODEL_BEST,
-             R.MODEL_SELECTED, R.SUMMARY_FILE, R.LOG_FILE}
+             R.MODEL_SELECTED, R.SUMMARY_FILE, R.LOG_FILE, R.VAL_REPORT}
 
 
 def pfenet_args(root: Path, out: Path) -> list:

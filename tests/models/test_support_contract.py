@@ -158,7 +158,7 @@ class ZeroedSupportMask(FSSModel):
     """A broken support path: every support mask replaced by all-background."""
 
     def __init__(self, inner: FSSModel) -> None:
-        super().__init__()
+        super().__init__(fg_weight=inner.fg_weight)
         self.inner = inner
 
     def broken(self, masks: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,9 @@ def _metrics_travel_with_git_and_the_remote(work: Path, tmp_path: Path, env: dic
         + [f"results/metrics/synthetic-small-pfenet/{m}-{k}shot{c}.json" for m in METHODS for k in (1, 5)
            for c in ("", "-shifted-support")])
     for name, row in files.items():
-        assert 0.0 <= row["data"]["miou"] <= 1.0 and len(row["data"]) <= 7, (name, row)
+        data = row["data"]
+        assert 0.0 <= data["miou"] <= 1.0 and 0.0 <= data["miou_low"] <= data["miou_high"] <= 1.0, (name, row)
+        assert len(data) <= 9, (name, row)
     _run([DVC, "remote", "add", "-d", "local", str(tmp_path / "remote")], work, env)
     _run(["git", "add", "-A"], work, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], work, env)

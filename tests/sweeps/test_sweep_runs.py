@@ -131,15 +131,15 @@ def test_test_time_knob_re_evaluates_the_checkpoint(tmp_path, sweep_data, capsys
 
 
 def test_killed_sweep_resumes_without_losing_or_rerunning_trials(tmp_path, sweep_data, subprocess_env):
-    path = write_study(tmp_path / "kill.yaml", sweep_data, iterations=40, extra_set={"train.checkpoint_every": 1},
+    path = write_study(tmp_path / "kill.yaml", sweep_data, iterations=200, extra_set={"train.checkpoint_every": 1},
                        params={"knobs.lam": {"values": [0.0, 0.5, 1.0]}})
     db = tmp_path / "out" / "kill" / "study.db"
     cmd = [FSS, "sweep", "run", str(path)]
     proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, victim = time.monotonic() + 400, None
     try:
-        while time.monotonic() < deadline:
-            time.sleep(1.0)
+        while time.monotonic() < deadline:  # a trial takes a few seconds: look often
+            time.sleep(0.2)
             if not db.exists():
                 continue
             try:

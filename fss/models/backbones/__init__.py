@@ -28,6 +28,7 @@ from fss.errors import ConfigError
 from fss.models.backbones.resnet import ResNetBackbone
 from fss.models.backbones.small import SmallBackbone
 from fss.models.backbones.vgg import PANetVGG16, PFENetVGG16BN
+from fss.models.backbones.weights import load_state_dict_file, weights_path
 
 #: name -> constructor of the randomly initialised network
 _CONSTRUCTORS: dict[str, Callable[[], nn.Module]] = {
@@ -43,8 +44,6 @@ _CONSTRUCTORS: dict[str, Callable[[], nn.Module]] = {
 
 def _builder(name: str) -> Callable[..., nn.Module]:
     def build(weights: str | None = None) -> nn.Module:
-        from fss.models.backbones.weights import load_state_dict_file, weights_path
-
         path = weights_path(name, weights)  # "imagenet" fails here, before building the net
         net = _CONSTRUCTORS[name]()
         if path is not None:

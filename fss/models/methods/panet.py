@@ -41,7 +41,7 @@ from fss.models.backbones.vgg import panet_key_to_backbone_key
 from fss.models.base import FSSModel, ModelOutput
 from fss.models.blocks import upsampled_masked_average_pool
 from fss.models.checkpoints import import_report, load_strict, register_importer, safe_torch_load
-from fss.models.registry import Knob, register_method
+from fss.models.registry import Knob, create_model, register_method
 
 PANET_MAP_EPS = 1e-5
 IGNORE_INDEX = 255
@@ -158,7 +158,6 @@ class PANet(FSSModel):
     # ----------------------------------------------------------------- building blocks
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Features ``[N, C, h, w]`` of the ``layers`` stages (default: the last stage's output)."""
-
         def stages(rows):
             return stage_outputs(self.backbone, images[rows], self.layers)
 
@@ -301,8 +300,6 @@ def import_panet_checkpoint(path, dataset: str | None = None, shot: int = 1, **k
     knobs (e.g. ``ways=2``; evaluation chooses ``ways`` again, no weight depends on it).
     ``dataset`` is only recorded: PANet has no dataset-dependent setting.
     """
-    from fss.models.registry import create_model
-
     blob = safe_torch_load(path)
     if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
         stripped = {(k[7:] if k.startswith("module.") else k): v for k, v in blob.items()}

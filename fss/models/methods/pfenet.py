@@ -48,7 +48,7 @@ from fss.models.blocks import (
     resize_bilinear,
 )
 from fss.models.checkpoints import import_report, load_strict, register_importer, safe_torch_load
-from fss.models.registry import Knob, register_method
+from fss.models.registry import Knob, create_model, register_method
 
 #: pyramid bins of the reference configs: absolute sides for PASCAL (473 input, 60x60
 #: features) and fractions of the feature side for COCO.
@@ -446,8 +446,6 @@ def build_from_reference(
     path, method: str, expected: str, dataset: str | None = None, shot: int = 1, pyramid_bins=None, **knobs
 ) -> tuple[FSSModel, dict]:
     """Shared body of the PFENet and CELP importers (``module.`` prefixed or unwrapped keys)."""
-    from fss.models.registry import create_model
-
     state, epoch = read_reference_checkpoint(path)
     looks_like = describe_checkpoint(state)
     if f"format '{expected}'" not in looks_like:
