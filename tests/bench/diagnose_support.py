@@ -41,7 +41,7 @@ import yaml
 
 from fss.data.access import open_prepared
 from fss.data.episodes import EpisodeLoader
-from fss.evaluation import ShiftedSupports, evaluate_model, make_protocol
+from fss.evaluation import EvalSettings, ShiftedSupports, evaluate_model, make_protocol
 from fss.metrics import IoUMeter
 from fss.models.blocks import masked_average_pool
 from fss.models.checkpoints import load_model_file
@@ -252,9 +252,9 @@ def concat_gradient(model, batch: dict) -> dict:
 def swap_stats(model, data, protocol, batches: list[dict]) -> dict:
     """(e) own/shifted validation mIoU, pixels whose argmax flips, mean |change| of P(fg)."""
     cpu = torch.device("cpu")
-    own = evaluate_model(model, data, protocol, shot=1, device=cpu, batch_size=50)["miou"]
-    shifted = evaluate_model(model, data, protocol, shot=1, device=cpu, batch_size=50,
-                             support_control="shifted")["miou"]
+    own = evaluate_model(model, data, protocol, EvalSettings(shot=1, device=cpu, batch_size=50))["miou"]
+    shifted = evaluate_model(model, data, protocol, EvalSettings(shot=1, device=cpu, batch_size=50,
+                                                                 support_control="shifted"))["miou"]
     shift = ShiftedSupports()
     flips = changes = pixels = 0.0
     model.eval()
