@@ -84,11 +84,11 @@ def _fixed_stages() -> dict[str, dict]:
         # objects (no benchmark image or class; the role of ImageNet); params pretrain.source
         # (its run directory, outside pretrained/, is kept: a killed stage resumes, other inputs restart)
         "pretrain": {"foreach": "${benchmark.pretrain_backbones}", "do": {
-            "cmd": ("fss pretrain --backbone ${item} --device ${benchmark.device} --run-dir runs/pretrain/${item}-objects"
-                    " --out pretrained/${item}-objects.pt"),
+            "cmd": ("fss pretrain --backbone ${item} --device ${benchmark.device} --run-dir runs/pretrain/${item}-pool"
+                    " --out pretrained/${item}-pool.pt"),
             "deps": stage_code("pretrain"), "params": ["pretrain"],
-            "outs": ["pretrained/${item}-objects.pt", "pretrained/${item}-objects.json",
-                     {"runs/pretrain/${item}-objects": {"persist": True}}]}},
+            "outs": ["pretrained/${item}-pool.pt", "pretrained/${item}-pool.json",
+                     {"runs/pretrain/${item}-pool": {"persist": True}}]}},
         # per-fold alternative: pretrained on one fold's base classes (benchmark.pretrain_base_classes)
         "pretrain_base": {"matrix": {"backbone": "${benchmark.pretrain_base_classes}", "fold": "${benchmark.folds}"}, **{
             "cmd": ("fss pretrain --source base_classes --fold ${item.fold} --dataset ${benchmark.dataset}"

@@ -15,16 +15,18 @@ Classes. Class ``c = 5k + j + 1`` (fold ``k`` = 0..3, position ``j`` = 0..4) com
 attributes, each value of which appears in every fold, as novel and as base:
 
 - shape ``SHAPES[j]`` (disc, square, triangle, ring, cross),
-- texture ``TEXTURES[(j + k) % 4]`` (plain, striped, checkered, dotted),
-- hue family ``HUES[(j + 2k) % 5]`` (red, yellow, green, blue, purple).
+- hue family ``HUES[h]`` with ``h = (j + 2k) % 5`` (red, yellow, green, blue, purple),
+- texture ``TEXTURES[(k + h) % 4]`` (plain, striped, checkered, dotted).
 
-Every (shape, texture) and every (shape, hue) pair belongs to one class only, so a novel
-class is a new combination of attributes that the base classes teach; some classes share
-texture and hue and differ by shape only. Colour is a weak cue: hue jitters, the pattern's
-second colour varies, and with probability ``OFF_HUE_PROBABILITY`` an object takes a random
-hue (intra-class colour variation). Backgrounds are gradients with low-frequency colour
-noise and distractors (thin bars, elongated speckled ellipses) whose shapes and textures
-are none of the classes' but whose colours may be any hue.
+Every (shape, hue) and every (texture, hue) pair belongs to one class only, so a novel class
+is a new combination of attributes that the base classes teach, and its colour and texture
+together tell it from every other class (four pairs of classes share shape and texture and
+differ in hue) (generator version 3; in version 2 some
+classes shared texture and hue, and a fifth of the objects took a random hue, which left
+every head but PANet support-blind: docs/results.md, "Do the methods use their support?").
+The hue jitters and the pattern's second colour varies. Backgrounds are gradients with
+low-frequency colour noise and distractors (thin bars, elongated speckled ellipses) whose
+shapes and textures are none of the classes' but whose colours may be any hue.
 
 Images. Each image has 1..3 class objects (classes drawn uniformly, repeats allowed) of
 radius 0.2..0.38 times the nominal size (an episode's target covers about an eighth of the
@@ -50,7 +52,8 @@ that the backbone is pretrained on (``fss pretrain --source objects``); its imag
 their own random stream, never the benchmark's. With ``classes=True`` each pool object is
 labelled with its pool class instead (``pool_class_names``: a pool shape with the texture and
 hue family of the benchmark class of the same id), the analogue of ImageNet's categories
-(``fss pretrain --source pool_classes``).
+(``fss pretrain --source pool_classes``): like ImageNet for PASCAL's classes, the pool teaches
+every colour-texture identity, novel ones included, on objects of no benchmark class.
 
 Small-object rule. PASCAL's 2048 pixels is for ~500x375 images; the default scales it with
 the nominal image area: ``min_area = round(2048 * size * size / (500 * 375))`` (101 px at
@@ -87,7 +90,8 @@ from fss.data.prepared import (
 from fss.errors import ConfigError
 
 #: bump when the drawing changes: it seeds the generator and is recorded in meta.json
-GENERATOR_VERSION = 2  # 2: fewer, larger objects (1..3, radius 0.2..0.38), 1..4 distractors
+GENERATOR_VERSION = 3  # 2: fewer, larger objects (1..3, radius 0.2..0.38), 1..4 distractors;
+#                        3: a unique (texture, hue) pair per class, no random-hue objects
 
 DEFAULT_SIZE = 96
 DEFAULT_TRAIN_IMAGES = 1200
@@ -106,7 +110,6 @@ TEXTURES = ("plain", "striped", "checkered", "dotted")
 HUES = (("red", 0.0), ("yellow", 55.0), ("green", 130.0), ("blue", 215.0), ("purple", 285.0))
 
 HUE_JITTER_DEG = 12.0
-OFF_HUE_PROBABILITY = 0.2
 OBJECTS_PER_IMAGE = (1, 3)  # inclusive range
 DISTRACTORS_PER_IMAGE = (1, 4)
 OBJECT_RADIUS = (0.2, 0.38)  # times the nominal size
@@ -129,7 +132,8 @@ def class_attributes(class_id: int) -> tuple[str, str, str]:
 
 def _attributes(class_id: int, shapes: tuple[str, ...]) -> tuple[str, str, str]:
     fold, j = divmod(class_id - 1, 5)
-    return shapes[j], TEXTURES[(j + fold) % 4], HUES[(j + 2 * fold) % 5][0]
+    hue = (j + 2 * fold) % 5
+    return shapes[j], TEXTURES[(fold + hue) % 4], HUES[hue][0]
 
 
 def pool_class_names() -> tuple[str, ...]:
@@ -283,12 +287,8 @@ def _draw_distractors(image: np.ndarray, rng: np.random.Generator, size: int) ->
 
 
 def _object_colours(class_id: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Primary colour (class hue family, jittered; random with OFF_HUE_PROBABILITY) and the
-    pattern's contrasting second colour."""
-    if rng.random() < OFF_HUE_PROBABILITY:
-        hue = rng.uniform(0, 360)
-    else:
-        hue = _class_hue(class_id) + rng.normal(0.0, HUE_JITTER_DEG)
+    """Primary colour (class hue family, jittered) and the pattern's contrasting second colour."""
+    hue = _class_hue(class_id) + rng.normal(0.0, HUE_JITTER_DEG)
     sat, val = rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0)
     second_val = val - rng.uniform(0.35, 0.5) if rng.random() < 0.7 else min(1.0, val + 0.4)
     second = _hsv(hue + rng.uniform(-40, 40), rng.uniform(0.1, 1.0), max(0.05, second_val))

@@ -41,8 +41,8 @@ def _all_ids(root: Path) -> list[str]:
 
 def test_class_attributes_are_shared_across_folds():
     assert len(set(CLASS_NAMES)) == 20
-    combos = {class_attributes(c)[:2] for c in range(1, 21)}
-    assert len(combos) == 20  # (shape, texture) identifies a class
+    for pair in ((0, 2), (1, 2)):  # (shape, hue) and (texture, hue) identify a class
+        assert len({tuple(class_attributes(c)[i] for i in pair) for c in range(1, 21)}) == 20
     for fold in range(4):
         novel = C.novel_classes("synthetic", fold)
         base = C.base_classes("synthetic", fold)

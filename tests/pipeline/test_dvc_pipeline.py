@@ -75,11 +75,11 @@ def test_dvc_repro_tiny_grid(tmp_path, subprocess_env):
     first = _run([DVC, "repro"], work, subprocess_env)
     for stage in stages:
         assert f"Running stage '{stage}'" in first.stdout, stage
-    assert (work / "pretrained" / "small-objects.pt").is_file()
+    assert (work / "pretrained" / "small-pool.pt").is_file()
     for m in METHODS:
         run = work / "runs" / m / "fold0"
         assert {"config.yaml", "model.pt", "checkpoint.pt", "curves.csv"} <= {p.name for p in run.iterdir()}
-        assert yaml.safe_load((run / "config.yaml").read_text())["backbone_weights"] == "pretrained/small-objects.pt"
+        assert yaml.safe_load((run / "config.yaml").read_text())["backbone_weights"] == "pretrained/small-pool.pt"
         for k in (1, 5):
             report = json.loads((work / "evals" / m / f"fold0-{k}shot.json").read_text())
             assert report["shot"] == k and report["episodes"] == 6 and report["protocol"] == "pfenet"
@@ -154,7 +154,7 @@ def _metrics_travel_with_git_and_the_remote(work: Path, tmp_path: Path, env: dic
     _run(["git", "clone", "-q", str(work), str(clone)], tmp_path, env)
     _run([DVC, "pull"], clone, env)
     for f in ("evals/panet/fold0-5shot.json", "evals/pfenet/fold0-1shot.png", "results/table_miou.md",
-              "results/chart_miou.png", "runs/pfenet/fold0/model.pt", "pretrained/small-objects.pt",
+              "results/chart_miou.png", "runs/pfenet/fold0/model.pt", "pretrained/small-pool.pt",
               "results/sweeps/embedded_apanet_lambda/table.md"):
         assert (clone / f).read_bytes() == (work / f).read_bytes(), f
     assert "up to date" in _run([DVC, "status"], clone, env).stdout

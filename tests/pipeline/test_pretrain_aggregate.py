@@ -61,7 +61,7 @@ def test_object_pool_pretraining_sees_no_benchmark_class(tmp_path):
 
     images, labels = object_pool_tensors(seed=0, images=12, image_size=32, size=33)
     assert images.shape == (12, 3, 33, 33) and set(torch.unique(labels).tolist()) == {0, 1, 255}
-    out = tmp_path / "small-objects.pt"
+    out = tmp_path / "small-pool.pt"
     result = pretrain_backbone(out, source="objects", images=12, image_size=32, epochs=1, batch_size=4, size=33,
                                device="cpu")
     report = result["report"]
