@@ -164,7 +164,7 @@ class PretrainConfig:
     each CLI option of ``fss pretrain`` defaults to None = this section's value.
     """
 
-    source: str = _opt("objects", "objects (a pool of shapes no class has, one object label), pool_classes "
+    source: str = _opt("pool_classes", "objects (a pool of shapes no class has, one object label), pool_classes "
                        "(the pool's 20 classes) or base_classes (one fold's base classes)", choices=PRETRAIN_SOURCES)
     backbone: str = _opt("small", "backbone to pretrain")
     images: int = _opt(1600, "objects, pool_classes: pool images", low=1)

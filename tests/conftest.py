@@ -33,13 +33,14 @@ def checkpoint_keys() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    """The real synthetic generator, tiny: 48 px images, 60 train / 120 val / 120 holdout (every
-    novel class has the 6 images a 5-shot episode needs). Shared by the pipeline, sweep, cache, bench and
-    distributed tests."""
+    """The real synthetic generator, tiny: 48 px images, 140 train / 160 val / 160 holdout. With
+    seed 0 every base class of every fold has at least 6 training images and every novel class at
+    least 9 validation and holdout images (a 5-shot episode needs 6). Shared by the pipeline, sweep,
+    cache, bench and distributed tests."""
     from fss.data.synthetic import prepare_synthetic
 
     root = tmp_path_factory.mktemp("synthetic") / "data"
-    prepare_synthetic(root, seed=0, size=48, train_images=60, val_images=120, holdout_images=120)
+    prepare_synthetic(root, seed=0, size=48, train_images=140, val_images=160, holdout_images=160)
     return root
 
 
