@@ -12,6 +12,11 @@ import torch
 #: (copied from the project's spec: ``key<TAB>shape<TAB>dtype`` per line).
 CHECKPOINT_KEYS = Path(__file__).parent / "fixtures" / "checkpoint_keys"
 
+#: The tiny synthetic benchmark of the tests (`synthetic_root`, the DVC tests' graph). With seed 0
+#: every base class of every fold has at least 6 training images and every novel class at least 9
+#: validation and holdout images (a 5-shot episode needs 6).
+TINY_SYNTHETIC = dict(size=48, train_images=140, val_images=160, holdout_images=160)
+
 # Tracking stays off in tests unless a test turns it on explicitly.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -33,14 +38,12 @@ def checkpoint_keys() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    """The real synthetic generator, tiny: 48 px images, 140 train / 160 val / 160 holdout. With
-    seed 0 every base class of every fold has at least 6 training images and every novel class at
-    least 9 validation and holdout images (a 5-shot episode needs 6). Shared by the pipeline, sweep,
+    """The real synthetic generator at `TINY_SYNTHETIC`'s sizes. Shared by the pipeline, sweep,
     cache, bench and distributed tests."""
     from fss.data.synthetic import prepare_synthetic
 
     root = tmp_path_factory.mktemp("synthetic") / "data"
-    prepare_synthetic(root, seed=0, size=48, train_images=140, val_images=160, holdout_images=160)
+    prepare_synthetic(root, seed=0, **TINY_SYNTHETIC)
     return root
 
 

@@ -19,6 +19,7 @@ from pipeline.config import REPO_PARAMS
 from pipeline.graph import render
 
 from pipeline_helpers import DVC, FSS
+from tests.conftest import TINY_SYNTHETIC
 
 REPO = REPO_PARAMS.parent
 METHODS = ["pfenet", "panet"]
@@ -27,7 +28,7 @@ METHODS = ["pfenet", "panet"]
 def _tiny_params() -> dict:
     p = yaml.safe_load(REPO_PARAMS.read_text())
     p["benchmark"].update(methods=METHODS, folds=[0], pretrain_backbones=["small"], device="cpu")
-    p["prepare"].update(size=48, train_images=140, val_images=160, holdout_images=160)
+    p["prepare"].update(TINY_SYNTHETIC)
     p["pretrain"].update(epochs=1, size=33, batch_size=8, images=24)
     syn = p["datasets"]["synthetic"]
     syn["data"]["train_size"] = 33
