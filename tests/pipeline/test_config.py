@@ -191,12 +191,15 @@ def test_repo_params_cover_every_registered_method(repo_params):
     for m in methods:
         syn = resolve_run_config(method=m, dataset="synthetic", fold=0, shot=1, params_path=repo_params)
         synthetic = params["datasets"]["synthetic"]
-        assert syn.train.iterations == synthetic["train"]["iterations"]
+        preset = params["methods"][m].get("datasets", {}).get("synthetic", {}).get("train", {})
+        assert syn.train.iterations == preset.get("iterations", synthetic["train"]["iterations"])
         assert syn.data.train_size == synthetic["data"]["train_size"] == syn.test.size
         for ds in ("pascal", "coco"):
             real = resolve_run_config(method=m, dataset=ds, fold=0, shot=1, params_path=repo_params)
             assert real.optim.lr <= 0.005 and real.data.train_size in (None, 321, 641)
             assert real.validation.seed not in (321, 0, 1234)
+    sim = resolve_run_config(method="simpropnet", dataset="synthetic", fold=0, shot=1, params_path=repo_params)
+    assert (sim.train.iterations, sim.train.batch_size, sim.validation.every) == (4800, 8, 200)
     pf = resolve_run_config(method="pfenet", dataset="pascal", fold=0, shot=1, params_path=repo_params)
     assert (pf.optim.lr, pf.train.batch_size, pf.train.epochs, pf.schedule.name) == (0.0025, 4, 200, "poly")
     assert pf.optim.pfenet_lr_x10 is False and pf.knobs["backbone_bn_train"] is False
