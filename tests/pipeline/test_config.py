@@ -188,9 +188,9 @@ def test_repo_params_cover_every_registered_method(repo_params):
     methods = list_methods()
     assert sorted(params["benchmark"]["methods"]) == methods
     assert set(methods) <= set(params["methods"])
+    synthetic = params["datasets"]["synthetic"]
     for m in methods:
         syn = resolve_run_config(method=m, dataset="synthetic", fold=0, shot=1, params_path=repo_params)
-        synthetic = params["datasets"]["synthetic"]
         preset = params["methods"][m].get("datasets", {}).get("synthetic", {}).get("train", {})
         assert syn.train.iterations == preset.get("iterations", synthetic["train"]["iterations"])
         assert syn.data.train_size == synthetic["data"]["train_size"] == syn.test.size
